@@ -1,0 +1,51 @@
+"""The ``bms`` command: one subcommand per module, each registering itself.
+
+A subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
+callable taking the parsed arguments and returning the exit code. Modules are imported lazily by
+name so that ``bms --help`` stays fast and optional dependencies load only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = (
+    "pipeline.commands.demo",
+    "producers.cli",
+    "pipeline.commands.replay",
+    "pipeline.commands.run",
+)
+
+
+class UsageError(Exception):
+    """A user mistake (bad argument, missing credential or driver): printed as one line."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bms",
+        description="BookMyShow booking/payment streaming join: an Apache Beam alternative "
+        "to the Azure Stream Analytics job.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UsageError as error:
+        print(f"bms {args.command}: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

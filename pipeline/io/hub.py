@@ -1,0 +1,45 @@
+"""The small client interface every event hub adapter implements, and opening one by URL.
+
+One source (``pipeline.io.source``) reads any hub through this interface: the embedded local hub
+(``pipeline.io.localhub``) and Azure Event Hubs (``pipeline.io.eventhubs``). A client is created
+on the worker from its URL, so only the URL travels with the pipeline, never a connection.
+
+URLs:
+  - a filesystem path, or ``local:PATH``: the local hub stored in that file (default ``.bms/hub.db``);
+  - ``eventhubs://NAMESPACE.servicebus.windows.net``: Azure Event Hubs (credentials from the
+    environment, see the README).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
+
+from pipeline.schema import HubEvent
+
+DEFAULT_HUB_URL = ".bms/hub.db"
+
+
+class PartitionProperties(NamedTuple):
+    """What a partition holds right now. ``last_sequence_number`` is -1 when it is empty."""
+
+    partition: str
+    first_sequence_number: int
+    last_sequence_number: int
+    last_enqueued_time: int | None  # microseconds since the epoch, UTC
+
+
+class HubClient(Protocol):
+    """Read access to the partitions of the hubs (event hubs) in one namespace."""
+
+    def partition_ids(self, hub: str) -> list[str]: ...
+
+    def partition_properties(self, hub: str, partition: str) -> PartitionProperties: ...
+
+    def read(
+        self, hub: str, partition: str, from_sequence_number: int, max_events: int
+    ) -> Sequence[HubEvent]:
+        """Up to max_events events with sequence number >= from_sequence_number, in order."""
+        ...
+
+    def close(self) -> None: ...

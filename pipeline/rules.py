@@ -1,4 +1,4 @@
-"""The ASA job's rules as plain functions: parsing, flattening, categories, TRY_CAST, the join bound.
+"""The ASA job's rules as plain functions: parsing, flattening, categories, TRY_CAST, join bound.
 
 Everything here mirrors ``sql/stream_analytics_job_query.sql`` as Azure Stream Analytics evaluates
 it (compatibility level 1.2, no TIMESTAMP BY); the facts are in ``shared/docs/asa-semantics.md``.

@@ -5,7 +5,7 @@ One source (``pipeline.io.source``) reads any hub through this interface: the em
 on the worker from its URL, so only the URL travels with the pipeline, never a connection.
 
 URLs:
-  - a filesystem path, or ``local:PATH``: the local hub stored in that file (default ``.bms/hub.db``);
+  - a filesystem path, or ``local:PATH``: the local hub in that file (default ``.bms/hub.db``);
   - ``eventhubs://NAMESPACE.servicebus.windows.net``: Azure Event Hubs (credentials from the
     environment, see the README).
 """
@@ -43,3 +43,22 @@ class HubClient(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class OutgoingEvent(NamedTuple):
+    """An event to publish. ``enqueued_time`` (µs, UTC) is set only by replays; else the hub's."""
+
+    partition_key: str | None
+    body: bytes
+    enqueued_time: int | None = None
+
+
+def open_hub(url: str = DEFAULT_HUB_URL) -> HubClient:
+    """The hub client for a URL (see the module docstring)."""
+    if url.startswith("eventhubs://"):
+        from pipeline.io.eventhubs import EventHubsClient
+
+        return EventHubsClient.from_url(url)
+    from pipeline.io.localhub import LocalHub
+
+    return LocalHub(url.removeprefix("local:"))

@@ -1,0 +1,208 @@
+"""The warehouse sink: fact rows and dead letters into any SQLAlchemy database, in batches.
+
+The URL chooses the database: ``sqlite:///.bms/warehouse.db`` (the embedded default),
+``postgresql+psycopg://...``, or SQL Server / Synapse (``mssql+pyodbc://...``). Tables are created
+when missing; where the database has schemas the fact table lives in ``bookymyshow`` like the
+Synapse original. Rows are buffered per bundle and written with one parameterised executemany
+per batch, through one engine per DoFn instance.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import apache_beam as beam
+import sqlalchemy as sa
+from apache_beam.metrics import Metrics
+
+from pipeline.schema import (
+    DEAD_LETTER_TABLE,
+    FACT_COLUMNS,
+    FACT_SCHEMA,
+    FACT_TABLE,
+    DeadLetter,
+    datetime_to_micros,
+    micros_to_datetime,
+)
+
+DEFAULT_WAREHOUSE_URL = "sqlite:///.bms/warehouse.db"
+DEFAULT_BATCH_SIZE = 1000
+
+_SQL_TYPE = re.compile(r"(\w+)(?:\((\d+)\))?")
+
+
+def _column_type(sql_type: str) -> sa.types.TypeEngine:
+    name, length = _SQL_TYPE.fullmatch(sql_type).groups()
+    if name == "NVARCHAR":
+        return sa.Unicode(int(length))
+    return {"FLOAT": sa.Float(), "INT": sa.Integer(), "DATETIME2": sa.DateTime()}[name]
+
+
+def create_engine(url: str) -> sa.Engine:
+    """An engine for a warehouse URL; a SQLite file gets its folder and a busy timeout."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        return sa.create_engine(parsed, connect_args={"timeout": 30})
+    return sa.create_engine(parsed)
+
+
+def warehouse_tables(engine: sa.Engine, fact_table: str = FACT_TABLE) -> tuple[sa.Table, sa.Table]:
+    """The fact and dead-letter tables as they are laid out in this engine's database."""
+    schema = None if engine.dialect.name == "sqlite" else FACT_SCHEMA
+    metadata = sa.MetaData(schema=schema)
+    facts = sa.Table(
+        fact_table,
+        metadata,
+        *(
+            sa.Column(c.name, _column_type(c.sql_type), nullable=c.name != "order_id")
+            for c in FACT_COLUMNS
+        ),
+    )
+    dead_letters = sa.Table(
+        DEAD_LETTER_TABLE,
+        metadata,
+        sa.Column("hub", sa.Unicode(50), nullable=False),
+        sa.Column("partition", sa.Unicode(10), nullable=False),
+        sa.Column("sequence_number", sa.BigInteger, nullable=False),
+        sa.Column("enqueued_time", sa.DateTime, nullable=False),
+        sa.Column("body", sa.LargeBinary, nullable=False),
+        sa.Column("reason", sa.UnicodeText, nullable=False),
+    )
+    return facts, dead_letters
+
+
+def create_tables(engine: sa.Engine, fact_table: str = FACT_TABLE) -> tuple[sa.Table, sa.Table]:
+    facts, dead_letters = warehouse_tables(engine, fact_table)
+    with engine.begin() as connection:
+        if facts.schema is not None:
+            connection.execute(sa.schema.CreateSchema(facts.schema, if_not_exists=True))
+        facts.metadata.create_all(connection)
+    return facts, dead_letters
+
+
+def read_facts(url: str, fact_table: str = FACT_TABLE) -> list[tuple]:
+    """Every fact row of a warehouse as 20-tuples in column order (naive UTC datetimes)."""
+    engine = create_engine(url)
+    try:
+        facts, _ = warehouse_tables(engine, fact_table)
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(sa.select(facts))]
+    finally:
+        engine.dispose()
+
+
+def read_dead_letters(url: str) -> list[DeadLetter]:
+    """Every dead letter of a warehouse, enqueued times back in epoch microseconds."""
+    engine = create_engine(url)
+    try:
+        _, dead_letters = warehouse_tables(engine)
+        with engine.connect() as connection:
+            return [
+                DeadLetter(
+                    row.hub,
+                    row.partition,
+                    row.sequence_number,
+                    datetime_to_micros(row.enqueued_time),
+                    row.body,
+                    row.reason,
+                )
+                for row in connection.execute(sa.select(dead_letters))
+            ]
+    finally:
+        engine.dispose()
+
+
+def _dead_letter_record(letter: DeadLetter) -> dict:
+    return letter._replace(enqueued_time=micros_to_datetime(letter.enqueued_time))._asdict()
+
+
+class _WriteBatchesFn(beam.DoFn):
+    """Buffers rows within a bundle and inserts them batch by batch."""
+
+    def __init__(self, url: str, fact_table: str, target: str, batch_size: int):
+        self._url = url
+        self._fact_table = fact_table
+        self._target = target
+        self._batch_size = batch_size
+
+    def setup(self):
+        self._engine = create_engine(self._url)
+        facts, dead_letters = create_tables(self._engine, self._fact_table)
+        if self._target == "facts":
+            self._table = facts
+            self._names = [column.name for column in facts.columns]
+            self._to_record = lambda row: dict(zip(self._names, row, strict=True))
+        else:
+            self._table = dead_letters
+            self._to_record = _dead_letter_record
+        self._written = Metrics.counter("bms", f"{self._target}_written")
+
+    def start_bundle(self):
+        self._buffer = []
+
+    def process(self, row):
+        self._buffer.append(row)
+        if len(self._buffer) >= self._batch_size:
+            self._flush()
+
+    def finish_bundle(self):
+        self._flush()
+
+    def _flush(self):
+        if not self._buffer:
+            return
+        with self._engine.begin() as connection:
+            connection.execute(self._table.insert(), [self._to_record(r) for r in self._buffer])
+        self._written.inc(len(self._buffer))
+        self._buffer = []
+
+    def teardown(self):
+        self._engine.dispose()
+
+
+class WriteToWarehouse(beam.PTransform):
+    """Writes fact rows (20-tuples) or ``DeadLetter``s to a warehouse, in batches.
+
+    Args:
+      url: the warehouse's SQLAlchemy URL.
+      target: ``"facts"`` or ``"dead_letters"``.
+      fact_table: the fact table's name (in schema ``bookymyshow`` where schemas exist).
+      batch_size: rows per insert batch.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        target: str = "facts",
+        *,
+        fact_table: str = FACT_TABLE,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ):
+        super().__init__()
+        if target not in ("facts", "dead_letters"):
+            raise ValueError(f"target must be 'facts' or 'dead_letters', got {target!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        sa.make_url(url)  # fail at construction on a malformed URL
+        self._fn = _WriteBatchesFn(url, fact_table, target, batch_size)
+
+    def expand(self, rows):
+        return rows | beam.ParDo(self._fn)
+
+
+def write_rows(url: str, rows: Iterable[tuple], fact_table: str = FACT_TABLE) -> None:
+    """Inserts fact rows directly (tests and tools, not the pipeline)."""
+    engine = create_engine(url)
+    try:
+        facts, _ = create_tables(engine, fact_table)
+        names = [column.name for column in facts.columns]
+        records = [dict(zip(names, row, strict=True)) for row in rows]
+        if records:
+            with engine.begin() as connection:
+                connection.execute(facts.insert(), records)
+    finally:
+        engine.dispose()

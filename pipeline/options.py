@@ -1,0 +1,50 @@
+"""The pipeline's own options, parsed with Beam's (so ``--runner`` and friends pass through)."""
+
+from __future__ import annotations
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipeline.io.hub import DEFAULT_HUB_URL
+from pipeline.io.warehouse import DEFAULT_BATCH_SIZE, DEFAULT_WAREHOUSE_URL
+from pipeline.join import DEFAULT_PERIOD_SECONDS
+
+
+class BmsOptions(PipelineOptions):
+    """Where events come from, where rows go, and how the join windows."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser):
+        parser.add_argument(
+            "--hub",
+            default=DEFAULT_HUB_URL,
+            help="where the event hubs are: a local hub file, or eventhubs://NAMESPACE "
+            "(default: %(default)s)",
+        )
+        parser.add_argument(
+            "--warehouse",
+            default=DEFAULT_WAREHOUSE_URL,
+            help="SQLAlchemy URL of the warehouse to write to (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--bounded",
+            action="store_true",
+            help="read what the hubs hold now, write the result and stop",
+        )
+        parser.add_argument(
+            "--window_period",
+            type=float,
+            default=DEFAULT_PERIOD_SECONDS,
+            help="seconds between the starts of the join's sliding windows (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--write_batch_size",
+            type=int,
+            default=DEFAULT_BATCH_SIZE,
+            help="rows per warehouse insert batch (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--read_batch_size",
+            type=int,
+            default=1000,
+            help="events per hub read call (default: %(default)s)",
+        )

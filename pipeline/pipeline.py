@@ -1,0 +1,101 @@
+"""The pipeline: read both hubs -> parse (good / dead letter) -> join -> write. Nothing else."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipeline import rules
+from pipeline.io.source import ReadFromHub
+from pipeline.io.warehouse import WriteToWarehouse
+from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments
+from pipeline.options import BmsOptions
+from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, DeadLetter, HubEvent
+
+DEAD_LETTERS = "dead_letters"
+
+
+def _payment_rows(body: bytes) -> list[rules.PaymentRow]:
+    return [rules.payment_row(body)]
+
+
+class _ParseFn(beam.DoFn):
+    """Turns hub events into keyed rows ``(order_id, (micros, row))``; bad ones into dead letters.
+
+    Rows whose order_id is NULL are dropped here: ASA never joins them (counted, not lost).
+    """
+
+    def __init__(self, name: str, parse: Callable[[bytes], list[tuple]]):
+        self._name = name
+        self._parse = parse
+
+    def setup(self):
+        self._events = Metrics.counter("bms", f"{self._name}_events")
+        self._dead = Metrics.counter("bms", "dead_letters")
+        self._no_order_id = Metrics.counter("bms", f"{self._name}_rows_without_order_id")
+
+    def process(self, event: HubEvent):
+        self._events.inc()
+        try:
+            rows = self._parse(event.body)
+        except rules.MalformedEvent as error:
+            self._dead.inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter.of(event, str(error)))
+            return
+        except Exception as error:  # a bug must not stop the job: keep the event and the reason
+            self._dead.inc()
+            reason = f"unexpected {type(error).__name__}: {error}"
+            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter.of(event, reason))
+            return
+        for row in rows:
+            if row[0] is None:
+                self._no_order_id.inc()
+            else:
+                yield row[0], (event.enqueued_time, row)
+
+
+class ComputeFacts(beam.PTransform):
+    """The ASA query: ``(bookings, payments)`` of timestamped HubEvents -> facts and dead letters.
+
+    Returns ``{"facts": PCollection of 20-tuples, "dead_letters": PCollection of DeadLetter}``.
+    """
+
+    def __init__(self, window_period: float = DEFAULT_PERIOD_SECONDS):
+        super().__init__()
+        self._join = JoinBookingsToPayments(window_period)
+
+    def expand(self, events):
+        bookings, payments = events
+        parsed_bookings = bookings | "ParseBookings" >> beam.ParDo(
+            _ParseFn("booking", rules.booking_rows)
+        ).with_outputs(DEAD_LETTERS, main="rows")
+        parsed_payments = payments | "ParsePayments" >> beam.ParDo(
+            _ParseFn("payment", _payment_rows)
+        ).with_outputs(DEAD_LETTERS, main="rows")
+        facts = (parsed_bookings.rows, parsed_payments.rows) | "Join" >> self._join
+        dead_letters = (
+            parsed_bookings[DEAD_LETTERS],
+            parsed_payments[DEAD_LETTERS],
+        ) | "AllDeadLetters" >> beam.Flatten()
+        return {"facts": facts, DEAD_LETTERS: dead_letters}
+
+
+def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
+    """Wires the whole job into ``pipeline``: both hubs -> ComputeFacts -> the warehouse."""
+    reads = tuple(
+        pipeline
+        | f"Read {hub}"
+        >> ReadFromHub(
+            options.hub, hub, bounded=options.bounded, batch_size=options.read_batch_size
+        )
+        for hub in (BOOKING_HUB, PAYMENT_HUB)
+    )
+    result = reads | ComputeFacts(options.window_period)
+    result["facts"] | "WriteFacts" >> WriteToWarehouse(
+        options.warehouse, "facts", batch_size=options.write_batch_size
+    )
+    result[DEAD_LETTERS] | "WriteDeadLetters" >> WriteToWarehouse(
+        options.warehouse, DEAD_LETTERS, batch_size=options.write_batch_size
+    )

@@ -1,7 +1,9 @@
 """The ``bms`` command: one subcommand per module, each registering itself.
 
 A subcommand module exposes ``register(subparsers)``, which adds its parser and sets ``func`` to a
-callable taking the parsed arguments and returning the exit code. Modules are imported lazily by
+callable taking the parsed arguments and returning the exit code. A command that runs a pipeline
+sets ``beam_args_allowed=True`` and receives the arguments it does not know (``--runner`` and
+other Beam options) in ``args.beam_args``. Modules are imported lazily by
 name so that ``bms --help`` stays fast and optional dependencies load only when used.
 """
 
@@ -37,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "beam_args_allowed", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.beam_args = extra
     try:
         return args.func(args)
     except UsageError as error:

@@ -1,0 +1,133 @@
+"""``bms run``: the pipeline, bounded on the in-process runner or unbounded on a streaming one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping
+
+import apache_beam as beam
+import sqlalchemy as sa
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pipeline import pipeline as bms_pipeline
+from pipeline.cli import UsageError
+from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
+from pipeline.options import BmsOptions
+from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "run",
+        help="run the pipeline: hubs -> join -> warehouse",
+        description="Run the pipeline. With --bounded it reads what the hubs hold now on the "
+        "in-process runner and stops; without, it runs unbounded on a streaming runner until "
+        "Ctrl-C. Options it does not know (--runner, --flink_master, ...) go to Apache Beam.",
+    )
+    BmsOptions._add_argparse_args(parser)
+    parser.set_defaults(func=run, beam_args_allowed=True)
+
+
+def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
+    """Beam options from the parsed command line: our flags plus whatever Beam flags followed."""
+    ours = {name: getattr(args, name) for name in _our_option_names()}
+    options = PipelineOptions(args.beam_args, **ours)
+    standard = options.view_as(StandardOptions)
+    if args.bounded and standard.runner is None:
+        # The in-process runner, without DirectRunner's attempt to download Prism first.
+        options = PipelineOptions(
+            args.beam_args, runner="DirectRunner", direct_running_mode="in_memory", **ours
+        )
+    return options
+
+
+def _options_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    BmsOptions._add_argparse_args(parser)
+    return parser
+
+
+def _our_option_names() -> list[str]:
+    return [action.dest for action in _options_parser()._actions]
+
+
+def parse_run_args(argv: list[str]) -> argparse.Namespace:
+    """``bms run``'s arguments as the command line would give them (for other commands)."""
+    args, beam_args = _options_parser().parse_known_args(argv)
+    args.beam_args = beam_args
+    return args
+
+
+def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
+    """Builds and runs the job, waiting for it to finish (Ctrl-C cancels an unbounded one)."""
+    bms = options.view_as(BmsOptions)
+    try:
+        sa.make_url(bms.warehouse)
+    except sa.exc.ArgumentError:
+        raise UsageError(
+            f"--warehouse {bms.warehouse!r} is not a database URL; "
+            "try sqlite:///path/to/warehouse.db"
+        ) from None
+    pipeline = beam.Pipeline(options=options)
+    bms_pipeline.build(pipeline, bms)
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    except KeyboardInterrupt:
+        result.cancel()
+        raise
+    return result
+
+
+def counters(result: beam.runners.runner.PipelineResult) -> dict[tuple[str, str], int]:
+    """The job's counters as {(namespace, name): value}, summed over steps."""
+    totals: dict[tuple[str, str], int] = {}
+    for counter in result.metrics().query()["counters"]:
+        key = (counter.key.metric.namespace, counter.key.metric.name)
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[key] = totals.get(key, 0) + (value or 0)
+    return totals
+
+
+def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
+    """What a run did, and where to look at the result."""
+    read = {
+        BOOKING_HUB: totals.get(("bms", "booking_events"), 0),
+        PAYMENT_HUB: totals.get(("bms", "payment_events"), 0),
+    }
+    categories = sorted(
+        (name, value)
+        for (namespace, name), value in totals.items()
+        if namespace == ROWS_PER_CATEGORY_NAMESPACE
+    )
+    lines = [
+        "events read: " + ", ".join(f"{hub} {count}" for hub, count in read.items()),
+        f"dead letters: {totals.get(('bms', 'dead_letters_written'), 0)}"
+        f" (table {DEAD_LETTER_TABLE})",
+        f"fact rows written: {totals.get(('bms', 'facts_written'), 0)} (table {FACT_TABLE})",
+        "rows per event_category: "
+        + (", ".join(f"{name} {value}" for name, value in categories) or "none"),
+    ]
+    url = sa.make_url(warehouse_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        lines += [
+            f"warehouse: {url.database}",
+            f'  query it: sqlite3 {url.database} "SELECT event_category, COUNT(*) '
+            f'FROM {FACT_TABLE} GROUP BY event_category"',
+        ]
+    else:
+        lines.append(f"warehouse: {url.render_as_string(hide_password=True)}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.bounded and "--runner" not in " ".join(args.beam_args):
+        raise UsageError(
+            "unbounded runs need a streaming runner (Prism or Flink), which comes in a later "
+            "release; use --bounded to process what the hubs hold now"
+        )
+    options = pipeline_options(args)
+    result = run_pipeline(options)
+    print(summary(counters(result), args.warehouse), file=sys.stdout)
+    return 0

@@ -55,7 +55,8 @@ class MalformedEvent(ValueError):
 _ISO_DATETIME = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})"
     r"(?:[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.(\d{1,7}))?)?"
-    r"(Z|[+-]\d{2}:?\d{2})?)?"
+    r"(Z|[+-]\d{2}:?\d{2})?)?",
+    re.ASCII,  # \d must not match other scripts' digits
 )
 _MAX_OFFSET = dt.timedelta(hours=14)
 

@@ -57,7 +57,7 @@ class Shares:
 
 
 class ScheduledEvent(NamedTuple):
-    """An event body due on a hub at ``due`` seconds after the order was placed (may be < 0)."""
+    """An event body due on a hub ``due`` seconds (>= 0) after its order was placed."""
 
     due: float
     hub: str
@@ -81,10 +81,15 @@ class EventGenerator:
         self._orders = 0
         self._payments = 0
 
-    def order(self, booked_at: dt.datetime) -> list[ScheduledEvent]:
-        """One order booked at ``booked_at`` (aware, UTC): its booking due at 0, then payments."""
+    def order(self, placed_at: dt.datetime) -> list[ScheduledEvent]:
+        """One order placed at ``placed_at`` (aware, UTC): its booking and payments, each due
+        some seconds after ``placed_at``. The first event is due at once; when the payment is
+        early, that is the payment and the booking follows it."""
         self._orders += 1
         rand = self._random
+        delay = self._payment_delay()
+        booking_due = max(0.0, -delay)
+        booked_at = placed_at + dt.timedelta(seconds=booking_due)
         order_id = f"order_{self._orders}"
         seat_row = rand.choice(SEAT_ROWS)
         first_seat = rand.randint(1, 30)
@@ -109,13 +114,15 @@ class EventGenerator:
                 "seats": seats,
             },
         }
-        events = [ScheduledEvent(0.0, BOOKING_HUB, order_id, self._body(booking, booking=True))]
+        events = [
+            ScheduledEvent(booking_due, BOOKING_HUB, order_id, self._body(booking, booking=True))
+        ]
         amount = price * len(seats)
-        delay = self._payment_delay()
+        paid_after = booking_due + delay
         if rand.random() < self._shares.failed:
-            events.append(self._payment(order_id, booked_at, delay, amount, "Failed"))
-            delay += rand.uniform(5, 40)
-        events.append(self._payment(order_id, booked_at, delay, amount, "Success"))
+            events.append(self._payment(order_id, placed_at, paid_after, amount, "Failed"))
+            paid_after += rand.uniform(5, 40)
+        events.append(self._payment(order_id, placed_at, paid_after, amount, "Success"))
         return events
 
     def _payment_delay(self) -> float:
@@ -128,18 +135,18 @@ class EventGenerator:
         return rand.uniform(2, JOIN_WINDOW_SECONDS - 10)
 
     def _payment(
-        self, order_id: str, booked_at: dt.datetime, delay: float, amount: float, status: str
+        self, order_id: str, placed_at: dt.datetime, due: float, amount: float, status: str
     ) -> ScheduledEvent:
         self._payments += 1
         payment = {
             "payment_id": f"payment_{self._payments}",
             "order_id": order_id,
-            "payment_time": isoformat_utc(booked_at + dt.timedelta(seconds=delay)),
+            "payment_time": isoformat_utc(placed_at + dt.timedelta(seconds=due)),
             "amount": amount,
             "payment_method": self._random.choice(PAYMENT_METHODS),
             "payment_status": status,
         }
-        return ScheduledEvent(delay, PAYMENT_HUB, order_id, self._body(payment, booking=False))
+        return ScheduledEvent(due, PAYMENT_HUB, order_id, self._body(payment, booking=False))
 
     def _body(self, document: dict, *, booking: bool) -> bytes:
         if self._random.random() >= self._shares.malformed:

@@ -17,7 +17,6 @@ from pipeline.schema import datetime_to_micros
 from producers.events import EventGenerator, ScheduledEvent, Shares
 
 DEFAULT_RATE = 0.4  # the seed: one booking and one payment every 5 seconds
-_LOOKAHEAD_SECONDS = 30.0  # orders are drawn this early so early payments can precede bookings
 _SEND_BATCH = 500
 
 
@@ -92,7 +91,7 @@ def produce(
     started = time.monotonic()
     booking_interval = 2.0 / rate  # a booking and (about) a payment per interval
     pending: list[tuple[float, int, ScheduledEvent]] = []  # (due, tie-break, event)
-    scheduled = 0
+    tie_break = 0
     next_order_at = 0.0
     outbox: dict[str, list[OutgoingEvent]] = {}
     sent: Counter = Counter()
@@ -110,25 +109,19 @@ def produce(
 
     try:
         while remaining() > 0:
-            more_orders = count is None or scheduled < count
+            # Orders keep coming at the rate until count events are out: those are the first
+            # count events to come due, and what is still pending then is never sent.
             if simulated:
-                # Virtual time jumps to the next thing that happens. Orders' events are never
-                # due before the order is drawn, so everything due by then can be released.
-                now = min(
-                    pending[0][0] if pending else math.inf,
-                    next_order_at if more_orders else math.inf,
-                )
-                if now == math.inf:
-                    break
+                # Virtual time jumps to the next thing that happens. No order's events are due
+                # before the order is placed, so everything due by then can be released.
+                now = min(pending[0][0] if pending else math.inf, next_order_at)
             else:
                 now = time.monotonic() - started
-            while more_orders and next_order_at <= now:
-                booked_at = next_order_at + _LOOKAHEAD_SECONDS
-                for event in generator.order(start + dt.timedelta(seconds=booked_at)):
-                    heapq.heappush(pending, (booked_at + event.due, scheduled, event))
-                    scheduled += 1
+            while next_order_at <= now:
+                for event in generator.order(start + dt.timedelta(seconds=next_order_at)):
+                    heapq.heappush(pending, (next_order_at + event.due, tie_break, event))
+                    tie_break += 1
                 next_order_at += booking_interval
-                more_orders = count is None or scheduled < count
             while pending and pending[0][0] <= now and remaining() > 0:
                 due_at, _, event = heapq.heappop(pending)
                 enqueued = (
@@ -140,8 +133,6 @@ def produce(
             if not simulated or _size(outbox) >= _SEND_BATCH:
                 flush()
             if not simulated:
-                if not pending and not more_orders:
-                    break
                 next_due = min(pending[0][0] if pending else math.inf, next_order_at)
                 wait = next_due - (time.monotonic() - started)
                 if wait > 0:

@@ -1,0 +1,226 @@
+"""End to end through the CLI: events into a fresh local hub, ``bms run --bounded``, then every
+warehouse row compared with a brute-force join computed here from the same events."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+
+import orjson
+import sqlalchemy as sa
+
+from pipeline import rules
+from pipeline.cli import main
+from pipeline.io.localhub import LocalHub
+from pipeline.io.warehouse import read_dead_letters, read_facts
+from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB
+
+SECOND = 1_000_000
+
+
+def hub_events(path):
+    with LocalHub(path) as hub:
+        return {
+            name: [
+                event
+                for partition in hub.partition_ids(name)
+                for event in hub.read(name, partition, 0, 10**9)
+            ]
+            for name in HUBS
+        }
+
+
+def brute_force(events):
+    """Every (seat, payment) pair with the same order id and 0 <= Δt <= 120 s, by nested loops."""
+    seats, payments, malformed = [], [], set()
+    for event in events[BOOKING_HUB]:
+        try:
+            seats += [(row, event.enqueued_time) for row in rules.booking_rows(event.body)]
+        except rules.MalformedEvent:
+            malformed.add((BOOKING_HUB, event.partition, event.sequence_number))
+    for event in events[PAYMENT_HUB]:
+        try:
+            payments.append((rules.payment_row(event.body), event.enqueued_time))
+        except rules.MalformedEvent:
+            malformed.add((PAYMENT_HUB, event.partition, event.sequence_number))
+    rows = Counter(
+        rules.fact_row(seat, seat_time, payment, payment_time)
+        for seat, seat_time in seats
+        for payment, payment_time in payments
+        if seat[0] is not None
+        and seat[0] == payment[0]
+        and 0 <= payment_time - seat_time <= 120 * SECOND
+    )
+    return rows, malformed
+
+
+def run_bounded(hub, warehouse):
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--bounded",
+            "--hub",
+            str(hub),
+            "--warehouse",
+            warehouse,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_produced_events_give_exactly_the_brute_force_rows(tmp_path):
+    hub = tmp_path / "hub.db"
+    warehouse = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    assert (
+        main(
+            [
+                "produce",
+                "--hub",
+                str(hub),
+                "--count",
+                "3000",
+                "--rate",
+                "4",
+                "--seed",
+                "7",
+                "--simulate",
+                "2026-02-08T23:58:00Z",
+                "--late-share",
+                "0.1",
+                "--early-share",
+                "0.1",
+                "--failed-share",
+                "0.2",
+                "--malformed-share",
+                "0.01",
+            ]
+        )
+        == 0
+    )
+    summary = run_bounded(hub, warehouse)
+
+    events = hub_events(hub)
+    expected, malformed = brute_force(events)
+    actual = Counter(read_facts(warehouse))
+    assert actual == expected
+    assert sum(expected.values()) > 1000  # the check has something to compare
+    dead = read_dead_letters(warehouse)
+    assert {(d.hub, d.partition, d.sequence_number) for d in dead} == malformed and malformed
+    by_position = {(e.hub, e.partition, e.sequence_number): e for hub in HUBS for e in events[hub]}
+    for letter in dead:
+        event = by_position[(letter.hub, letter.partition, letter.sequence_number)]
+        assert (letter.body, letter.enqueued_time) == (event.body, event.enqueued_time)
+        assert letter.reason.split(":")[0] in (
+            "malformed JSON",
+            "not a JSON object",
+            "event_details.seats is not an array",
+        )
+    assert f"fact rows written: {sum(expected.values())}" in summary
+    assert f"dead letters: {len(malformed)}" in summary
+    assert f"events read: {BOOKING_HUB} {len(events[BOOKING_HUB])}" in summary
+
+
+def replay_line(enqueued, key, body):
+    return orjson.dumps({"enqueued_time": enqueued, "partition_key": key, "body": body}).decode()
+
+
+def test_replayed_edge_cases_join_by_enqueued_time(tmp_path):
+    hub = tmp_path / "hub.db"
+    warehouse = f"sqlite:///{tmp_path / 'warehouse.db'}"
+
+    def booking(order_id, seats=("A1",)):
+        return {
+            "order_id": order_id,
+            "booking_time": "2026-02-08T10:00:00+05:30",
+            "customer": {"customer_id": "c", "name": "n", "email": "e"},
+            "event_details": {
+                "event_name": "Movie",
+                "seats": [{"seat_number": s, "price": 5} for s in seats],
+            },
+        }
+
+    def payment(order_id, payment_id):
+        return {
+            "order_id": order_id,
+            "payment_id": payment_id,
+            "payment_method": "Cash",
+            "amount": 5,
+        }
+
+    bookings = [
+        replay_line("2026-02-08T10:00:00Z", "o1", booking("o1", ("A1", "A2"))),
+        replay_line("2026-02-08T10:00:00Z", "o2", booking("o2")),
+        replay_line("2026-02-08T10:00:00Z", "o3", booking("o3")),
+        replay_line("2026-02-08T10:00:00Z", None, booking(None)),
+        replay_line(
+            "2026-02-08T10:00:01Z", "o4", '{"order_id": "o4", "event_details": {"seats": 3}}'
+        ),
+    ]
+    payments = [
+        replay_line("2026-02-08T10:02:00Z", "o1", payment("o1", "at-120s")),
+        replay_line("2026-02-08T10:02:00.000001Z", "o2", payment("o2", "past-120s")),
+        replay_line("2026-02-08T09:59:59.999Z", "o3", payment("o3", "1ms-early")),
+        replay_line("2026-02-08T10:00:30Z", None, payment(None, "no-order")),
+        replay_line("2026-02-08T10:00:30Z", "o1", "not json at all"),
+    ]
+    for name, lines in ((BOOKING_HUB, bookings), (PAYMENT_HUB, payments)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        assert main(["replay", "--hub", name, "--hub-url", str(hub), str(path)]) == 0
+    run_bounded(hub, warehouse)
+
+    facts = read_facts(warehouse)
+    assert sorted((row[0], row[8], row[13]) for row in facts) == [
+        ("o1", "A1", "at-120s"),
+        ("o1", "A2", "at-120s"),
+    ]
+    assert facts[0][1].isoformat() == "2026-02-08T04:30:00"  # +05:30 converted to UTC
+    assert sorted(d.reason.split(":")[0] for d in read_dead_letters(warehouse)) == [
+        "event_details.seats is not an array",
+        "malformed JSON",
+    ]
+
+
+def test_a_second_run_appends_and_the_tables_keep_their_types(tmp_path):
+    hub = tmp_path / "hub.db"
+    warehouse = f"sqlite:///{tmp_path / 'warehouse.db'}"
+    main(
+        [
+            "produce",
+            "--hub",
+            str(hub),
+            "--count",
+            "200",
+            "--seed",
+            "1",
+            "--simulate",
+            "2026-02-08T10:00:00Z",
+        ]
+    )
+    run_bounded(hub, warehouse)
+    first = read_facts(warehouse)
+    run_bounded(hub, warehouse)
+    assert Counter(read_facts(warehouse)) == Counter(first * 2)
+    columns = {
+        c["name"]: str(c["type"])
+        for c in sa.inspect(sa.create_engine(warehouse)).get_columns("bookings_fact")
+    }
+    assert columns["seat_price"] == "FLOAT" and columns["booking_hour"] == "INTEGER"
+    assert columns["booking_event_time"] == "DATETIME" and columns["order_id"] == "VARCHAR(50)"
+    assert list(columns)[0] == "order_id" and list(columns)[-1] == "payment_event_time"
+
+
+def test_bad_run_arguments_give_one_line(tmp_path, capsys):
+    assert (
+        main(["run", "--bounded", "--warehouse", "not a url", "--hub", str(tmp_path / "h.db")]) == 2
+    )
+    error = capsys.readouterr().err
+    assert "is not a database URL" in error and error.count("\n") == 1

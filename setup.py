@@ -1,4 +1,4 @@
-"""Packaging for bms: a portable Apache Beam alternative to the BookMyShow Azure Stream Analytics job.
+"""Packaging for bms: a portable Apache Beam alternative to the BookMyShow ASA job.
 
 Kept as setup.py (not only pyproject) because Dataflow's --setup_file stages it with the job.
 """
@@ -20,7 +20,11 @@ setup(
         "duckdb>=1.1",
     ],
     extras_require={
-        "azure": ["azure-eventhub>=5.11", "azure-identity>=1.15", "azure-eventhub-checkpointstoreblob>=1.1"],
+        "azure": [
+            "azure-eventhub>=5.11",
+            "azure-identity>=1.15",
+            "azure-eventhub-checkpointstoreblob>=1.1",
+        ],
         "synapse": ["pyodbc>=5.0", "azure-identity>=1.15"],
         "postgres": ["psycopg[binary]>=3.1"],
         "dev": [

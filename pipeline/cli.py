@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 COMMAND_MODULES = (
@@ -23,6 +24,13 @@ COMMAND_MODULES = (
 
 class UsageError(Exception):
     """A user mistake (bad argument, missing credential or driver): printed as one line."""
+
+
+class _HideGcpNotice(logging.Filter):
+    """Beam warns on import that Google Cloud client libraries are missing; we never use them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_HideGcpNotice())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "beam_args_allowed", False):

@@ -381,7 +381,8 @@ def evaluate(events: Iterable[HubEvent], query_path: str | Path = DEFAULT_QUERY)
             database.execute(
                 f"CREATE TEMP TABLE staged ({_DOCUMENT} VARCHAR, micros BIGINT, position INTEGER)"
             )
-            database.executemany("INSERT INTO staged VALUES (?, ?, ?)", rows)
+            if rows:
+                database.executemany("INSERT INTO staged VALUES (?, ?, ?)", rows)
             # ASA drops what it cannot deserialize: not JSON, or not a JSON object.
             bad = database.execute(
                 f"SELECT position FROM staged WHERE {_DOCUMENT} IS NULL "

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "producers.cli",
     "pipeline.commands.replay",
     "pipeline.commands.run",
+    "pipeline.commands.parity",
 )
 
 

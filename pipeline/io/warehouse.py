@@ -9,6 +9,7 @@ per batch, through one engine per DoFn instance.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,6 +20,7 @@ from apache_beam.metrics import Metrics
 
 from pipeline.schema import (
     DEAD_LETTER_TABLE,
+    FACT_COLUMN_NAMES,
     FACT_COLUMNS,
     FACT_SCHEMA,
     FACT_TABLE,
@@ -84,13 +86,32 @@ def create_tables(engine: sa.Engine, fact_table: str = FACT_TABLE) -> tuple[sa.T
     return facts, dead_letters
 
 
-def read_facts(url: str, fact_table: str = FACT_TABLE) -> list[tuple]:
-    """Every fact row of a warehouse as 20-tuples in column order (naive UTC datetimes)."""
+def read_facts(
+    url: str,
+    table: str = FACT_TABLE,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> list[tuple]:
+    """The 20 fact columns of any table that has them (``schema.table`` or ``table``) as tuples,
+    optionally only rows whose booking_event_time is in [start, end)."""
     engine = create_engine(url)
     try:
-        facts, _ = warehouse_tables(engine, fact_table)
+        schema, _, name = table.rpartition(".")
+        if not schema and engine.dialect.name != "sqlite":
+            schema = FACT_SCHEMA
+        reflected = sa.Table(name, sa.MetaData(), schema=schema or None, autoload_with=engine)
+        missing = [column for column in FACT_COLUMN_NAMES if column not in reflected.columns]
+        if missing:
+            raise ValueError(f"table {table} has no column(s) {', '.join(missing)}")
+        query = sa.select(*(reflected.columns[column] for column in FACT_COLUMN_NAMES))
+        if start is not None:
+            query = query.where(reflected.columns["booking_event_time"] >= start)
+        if end is not None:
+            query = query.where(reflected.columns["booking_event_time"] < end)
         with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(sa.select(facts))]
+            return [tuple(row) for row in connection.execute(query)]
+    except sa.exc.NoSuchTableError:
+        raise ValueError(f"no table {table} in {engine.url.render_as_string()}") from None
     finally:
         engine.dispose()
 

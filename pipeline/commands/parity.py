@@ -1,0 +1,107 @@
+"""``bms parity``: compare two fact tables, or the warehouse with the ASA query over the hub."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+from pathlib import Path
+
+from pipeline import rules
+from pipeline.cli import UsageError
+from pipeline.io.hub import DEFAULT_HUB_URL, open_hub
+from pipeline.io.warehouse import DEFAULT_WAREHOUSE_URL, read_facts
+from pipeline.parity.compare import compare
+from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate
+from pipeline.schema import FACT_COLUMN_NAMES, FACT_TABLE, HUBS
+
+BOOKED = FACT_COLUMN_NAMES.index("booking_event_time")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "parity",
+        help="compare fact tables, or the warehouse with the ASA query",
+        description="Compare two fact tables row for row (for example the one ASA wrote in "
+        "Synapse and the one this pipeline wrote), or with --events the warehouse with what the "
+        "kept ASA query gives on the events in the hub. Prints counts, missing and extra rows "
+        "and changed values; exits 1 on any difference, 0 when equal.",
+    )
+    parser.add_argument("left", nargs="?", metavar="LEFT_URL", help="warehouse URL (expected)")
+    parser.add_argument("right", nargs="?", metavar="RIGHT_URL", help="warehouse URL (actual)")
+    parser.add_argument("--left-table", default=FACT_TABLE, help="default: %(default)s")
+    parser.add_argument("--right-table", default=FACT_TABLE, help="default: %(default)s")
+    parser.add_argument(
+        "--from", dest="start", metavar="TIME", help="only rows with booking_event_time >= TIME"
+    )
+    parser.add_argument(
+        "--to", dest="end", metavar="TIME", help="only rows with booking_event_time < TIME"
+    )
+    parser.add_argument("--show", type=int, default=10, help="rows shown per kind of difference")
+    parser.add_argument(
+        "--events",
+        action="store_true",
+        help="compare --warehouse with the ASA query evaluated over the events in --hub",
+    )
+    parser.add_argument(
+        "--hub", default=DEFAULT_HUB_URL, help="with --events (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--warehouse", default=DEFAULT_WAREHOUSE_URL, help="with --events (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--query", type=Path, default=DEFAULT_QUERY, help="the ASA query file (with --events)"
+    )
+    parser.set_defaults(func=run)
+
+
+def _time(text: str | None, flag: str) -> dt.datetime | None:
+    if text is None:
+        return None
+    moment = rules.try_cast_datetime(text)
+    if moment is None:
+        raise UsageError(f"{flag} {text!r} is not an ISO 8601 time")
+    return moment
+
+
+def _hub_events(url: str) -> list:
+    client = open_hub(url)
+    try:
+        return [
+            event
+            for hub in HUBS
+            for partition in client.partition_ids(hub)
+            for event in client.read(hub, partition, 0, 2**62)
+        ]
+    finally:
+        client.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    start, end = _time(args.start, "--from"), _time(args.end, "--to")
+    try:
+        if args.events:
+            if args.left or args.right:
+                raise UsageError("give either two warehouse URLs or --events, not both")
+            if not args.query.is_file():
+                raise UsageError(f"no ASA query at {args.query}; pass --query PATH")
+            evaluation = evaluate(_hub_events(args.hub), args.query)
+            expected = [
+                row
+                for row in evaluation.rows
+                if (start is None or row[BOOKED] >= start) and (end is None or row[BOOKED] < end)
+            ]
+            actual = read_facts(args.warehouse, args.right_table, start, end)
+            names = (f"ASA query over {args.hub}", args.warehouse)
+            if evaluation.unreadable:
+                print(f"events ASA could not read (not evaluated): {len(evaluation.unreadable)}")
+        else:
+            if not (args.left and args.right):
+                raise UsageError("give two warehouse URLs (LEFT_URL RIGHT_URL), or --events")
+            expected = read_facts(args.left, args.left_table, start, end)
+            actual = read_facts(args.right, args.right_table, start, end)
+            names = (f"{args.left} {args.left_table}", f"{args.right} {args.right_table}")
+    except (ValueError, UnsupportedConstruct) as error:
+        raise UsageError(str(error)) from None
+    comparison = compare(expected, actual)
+    print(comparison.report(*names, show=args.show))
+    return 0 if comparison.equal else 1

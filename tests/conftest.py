@@ -14,33 +14,52 @@ settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 
-def booking_body(order_id, seats=(("A1", 75),), event_name="Rock Concert", **fields) -> bytes:
+def booking_document(order_id, seats=({"seat_number": "A1", "price": 75},), **fields) -> dict:
+    """A booking in the seed's shape; fields of event_details may be overridden by name."""
     document = {
         "order_id": order_id,
         "booking_time": "2026-02-08T10:30:00Z",
-        "customer": {"customer_id": "cust1", "name": "Ana", "email": "ana@example.com"},
+        "customer": {"customer_id": "c1", "name": "Ana", "email": "ana@example.com"},
         "event_details": {
-            "event_id": "event1",
-            "event_name": event_name,
+            "event_id": "e1",
+            "event_name": "Rock Concert",
             "event_location": "1 Main St",
-            "seats": [{"seat_number": number, "price": price} for number, price in seats],
+            "seats": list(seats) if isinstance(seats, list | tuple) else seats,
         },
     }
-    document.update(fields)
-    return orjson.dumps(document)
+    for key, value in fields.items():
+        if key in document["event_details"]:
+            document["event_details"][key] = value
+        else:
+            document[key] = value
+    return document
 
 
-def payment_body(order_id, payment_id="payment_1", method="Credit Card", **fields) -> bytes:
-    document = {
+def payment_document(order_id, payment_id="p1", **fields) -> dict:
+    return {
         "payment_id": payment_id,
         "order_id": order_id,
         "payment_time": "2026-02-08T10:31:00Z",
         "amount": 75,
-        "payment_method": method,
+        "payment_method": "Credit Card",
         "payment_status": "Success",
+        **fields,
     }
-    document.update(fields)
-    return orjson.dumps(document)
+
+
+def booking_body(order_id, **fields) -> bytes:
+    return orjson.dumps(booking_document(order_id, **fields))
+
+
+def payment_body(order_id, payment_id="p1", **fields) -> bytes:
+    return orjson.dumps(payment_document(order_id, payment_id, **fields))
+
+
+def produce_into(hub, *args: str) -> None:
+    """``bms produce --simulate`` into a local hub file, failing the test if it fails."""
+    from pipeline.cli import main
+
+    assert main(["produce", "--hub", str(hub), *args]) == 0
 
 
 def hub_event(hub: str, micros: int, body: bytes, partition: str = "0", sequence: int = 0):

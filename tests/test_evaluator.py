@@ -22,7 +22,11 @@ CATEGORY = FACT_COLUMN_NAMES.index("event_category")
 
 def events():
     return [
-        hub_event(BOOKING_HUB, T0, booking_body("o1", seats=(("A1", 75), ("A2", 75)))),
+        hub_event(
+            BOOKING_HUB,
+            T0,
+            booking_body("o1", seats=[{"seat_number": s, "price": 75} for s in ("A1", "A2")]),
+        ),
         hub_event(BOOKING_HUB, T0, booking_body("o2", event_name="Broadway Play"), sequence=1),
         hub_event(PAYMENT_HUB, T0 + 60 * SECOND, payment_body("o1", "p1")),
         hub_event(PAYMENT_HUB, T0 + 240 * SECOND, payment_body("o2", "p2"), sequence=1),

@@ -20,6 +20,8 @@ from pipeline.io.warehouse import WriteToWarehouse, read_facts
 from pipeline.parity.evaluator import evaluate
 from pipeline.pipeline import ComputeFacts
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, HubEvent
+from tests.conftest import booking_document as booking
+from tests.conftest import payment_document as payment
 
 SECOND = 1_000_000
 T0 = 1_770_000_000 * SECOND  # on a window start for every period that divides 30 s
@@ -63,38 +65,6 @@ def assert_parity(events, directory):
 def event(hub, micros, document, sequence=0, partition="0"):
     body = document if isinstance(document, bytes) else orjson.dumps(document)
     return HubEvent(hub, partition, sequence, micros, None, body)
-
-
-def booking(order_id, seats=({"seat_number": "A1", "price": 75},), **fields):
-    document = {
-        "order_id": order_id,
-        "booking_time": "2026-02-08T10:30:00Z",
-        "customer": {"customer_id": "c1", "name": "Ana", "email": "ana@example.com"},
-        "event_details": {
-            "event_id": "e1",
-            "event_name": "Rock Concert",
-            "event_location": "1 Main St",
-            "seats": list(seats) if isinstance(seats, list | tuple) else seats,
-        },
-    }
-    for key, value in fields.items():
-        if key in ("event_name", "event_id", "event_location", "seats"):
-            document["event_details"][key] = value
-        else:
-            document[key] = value
-    return document
-
-
-def payment(order_id, payment_id="p1", **fields):
-    return {
-        "payment_id": payment_id,
-        "order_id": order_id,
-        "payment_time": "2026-02-08T10:31:00Z",
-        "amount": 75,
-        "payment_method": "Credit Card",
-        "payment_status": "Success",
-        **fields,
-    }
 
 
 def test_edge_cases_of_every_rule(tmp_path):

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from pipeline.cli import main
 from pipeline.io.warehouse import write_rows
 from pipeline.parity.compare import compare
+from tests.conftest import produce_into
 
 T = dt.datetime(2026, 2, 8, 10, 30)
 
@@ -58,8 +59,8 @@ def test_a_time_range_limits_the_comparison(tmp_path):
 
 def test_events_mode_compares_the_warehouse_with_the_asa_query(tmp_path, capsys):
     hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'w.db'}"
-    main(["produce", "--hub", str(hub), "--count", "300", "--seed", "3", "--simulate",
-          "2026-02-08T10:00:00Z", "--malformed-share", "0.05"])  # fmt: skip
+    produce_into(hub, "--count", "300", "--seed", "3", "--simulate",
+          "2026-02-08T10:00:00Z", "--malformed-share", "0.05")  # fmt: skip
     assert main(["run", "--bounded", "--hub", str(hub), "--warehouse", warehouse]) == 0
     assert main(["parity", "--events", "--hub", str(hub), "--warehouse", warehouse]) == 0
     assert "equal" in capsys.readouterr().out

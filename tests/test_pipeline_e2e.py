@@ -15,6 +15,7 @@ from pipeline.cli import main
 from pipeline.io.localhub import LocalHub
 from pipeline.io.warehouse import read_dead_letters, read_facts
 from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB
+from tests.conftest import produce_into
 
 SECOND = 1_000_000
 
@@ -79,31 +80,24 @@ def run_bounded(hub, warehouse):
 def test_produced_events_give_exactly_the_brute_force_rows(tmp_path):
     hub = tmp_path / "hub.db"
     warehouse = f"sqlite:///{tmp_path / 'warehouse.db'}"
-    assert (
-        main(
-            [
-                "produce",
-                "--hub",
-                str(hub),
-                "--count",
-                "3000",
-                "--rate",
-                "4",
-                "--seed",
-                "7",
-                "--simulate",
-                "2026-02-08T23:58:00Z",
-                "--late-share",
-                "0.1",
-                "--early-share",
-                "0.1",
-                "--failed-share",
-                "0.2",
-                "--malformed-share",
-                "0.01",
-            ]
-        )
-        == 0
+    produce_into(
+        hub,
+        "--count",
+        "3000",
+        "--rate",
+        "4",
+        "--seed",
+        "7",
+        "--simulate",
+        "2026-02-08T23:58:00Z",
+        "--late-share",
+        "0.1",
+        "--early-share",
+        "0.1",
+        "--failed-share",
+        "0.2",
+        "--malformed-share",
+        "0.01",
     )
     summary = run_bounded(hub, warehouse)
 
@@ -192,19 +186,7 @@ def test_replayed_edge_cases_join_by_enqueued_time(tmp_path):
 def test_a_second_run_appends_and_the_tables_keep_their_types(tmp_path):
     hub = tmp_path / "hub.db"
     warehouse = f"sqlite:///{tmp_path / 'warehouse.db'}"
-    main(
-        [
-            "produce",
-            "--hub",
-            str(hub),
-            "--count",
-            "200",
-            "--seed",
-            "1",
-            "--simulate",
-            "2026-02-08T10:00:00Z",
-        ]
-    )
+    produce_into(hub, "--count", "200", "--seed", "1", "--simulate", "2026-02-08T10:00:00Z")
     run_bounded(hub, warehouse)
     first = read_facts(warehouse)
     run_bounded(hub, warehouse)

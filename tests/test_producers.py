@@ -17,6 +17,7 @@ from pipeline.io.localhub import LocalHub
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, datetime_to_micros
 from producers.events import EventGenerator, Shares
 from producers.publish import produce
+from tests.conftest import produce_into
 
 START = dt.datetime(2026, 2, 8, 10, 0, tzinfo=dt.UTC)
 
@@ -112,23 +113,8 @@ def test_malformed_share_breaks_bodies_in_ways_the_pipeline_rejects():
 
 def test_simulated_enqueued_times_follow_the_rate_and_never_go_back_per_partition(tmp_path):
     hub = tmp_path / "hub.db"
-    assert (
-        main(
-            [
-                "produce",
-                "--hub",
-                str(hub),
-                "--count",
-                "500",
-                "--simulate",
-                "2026-02-08T10:00:00Z",
-                "--rate",
-                "2",
-                "--seed",
-                "1",
-            ]
-        )
-        == 0
+    produce_into(
+        hub, "--count", "500", "--simulate", "2026-02-08T10:00:00Z", "--rate", "2", "--seed", "1"
     )
     bookings, payments = all_events(hub, BOOKING_HUB), all_events(hub, PAYMENT_HUB)
     assert len(bookings) + len(payments) == 500
@@ -149,9 +135,7 @@ def test_simulated_enqueued_times_follow_the_rate_and_never_go_back_per_partitio
 
 def test_real_time_produce_paces_and_lets_the_hub_stamp_events(tmp_path):
     started = dt.datetime.now(dt.UTC)
-    assert (
-        main(["produce", "--hub", str(tmp_path / "hub.db"), "--count", "4", "--rate", "200"]) == 0
-    )
+    produce_into(tmp_path / "hub.db", "--count", "4", "--rate", "200")
     events = all_events(tmp_path / "hub.db", BOOKING_HUB) + all_events(
         tmp_path / "hub.db", PAYMENT_HUB
     )

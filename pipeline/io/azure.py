@@ -1,0 +1,39 @@
+"""What the Azure adapters share: optional imports with a one-line install hint, and credentials.
+
+The Azure libraries are optional extras, so nothing here imports them at module level:
+``import pipeline`` works without them, and the first use of an Azure adapter says what to install.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from pipeline.cli import UsageError
+
+
+def import_extra(module: str, extra: str) -> ModuleType:
+    """Imports an optional dependency, or fails with one line naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UsageError(
+            f"{module} is not installed ({error}); install it with: "
+            f"pip install 'bms-streaming[{extra}]'"
+        ) from None
+
+
+def default_credential() -> Any:
+    """azure-identity's DefaultAzureCredential: environment (service principal), workload or
+    managed identity, then the Azure CLI login, in that order."""
+    identity = import_extra("azure.identity", "azure")
+    return identity.DefaultAzureCredential(exclude_interactive_browser_credential=True)
+
+
+def is_credential_error(error: BaseException) -> bool:
+    """True when no Azure credential could be found or the service refused it."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return bool(names & {"CredentialUnavailableError", "ClientAuthenticationError"}) or (
+        "AuthenticationError" in names
+    )

@@ -8,6 +8,7 @@ import sys
 
 from pipeline.cli import UsageError
 from pipeline.io.hub import DEFAULT_HUB_URL
+from producers.eventhubs import PublishError
 from producers.events import Shares
 from producers.publish import DEFAULT_RATE, LocalHubPublisher, Publisher, produce
 
@@ -34,9 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Publish mock booking and payment events (partition key = order_id). "
         "Runs until --count events are sent, or until Ctrl-C.",
     )
-    parser.add_argument("--to", choices=("local",), default="local", help="where to publish")
     parser.add_argument(
-        "--hub", default=DEFAULT_HUB_URL, help="local hub file (default: %(default)s)"
+        "--to", choices=("local", "eventhubs"), default="local", help="where to publish"
+    )
+    parser.add_argument(
+        "--hub",
+        help=f"local hub file (default: {DEFAULT_HUB_URL}), or with --to eventhubs "
+        "eventhubs://NAMESPACE.servicebus.windows.net (default: eventhubs://, which uses "
+        "EVENTHUB_CONNECTION_STRING)",
     )
     parser.add_argument("--count", type=int, help="events to send (default: until Ctrl-C)")
     parser.add_argument(
@@ -71,9 +77,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def open_publisher(args: argparse.Namespace) -> Publisher:
+    if args.to == "eventhubs":
+        from producers.eventhubs import EventHubsPublisher
+
+        return EventHubsPublisher.from_url(args.hub or "eventhubs://")
     from pipeline.io.localhub import LocalHub
 
-    return LocalHubPublisher(LocalHub(args.hub))
+    return LocalHubPublisher(LocalHub(args.hub or DEFAULT_HUB_URL))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.rate <= 0:
         raise UsageError("--rate must be more than 0 events per second")
     simulate_from = None
+    if args.to == "eventhubs" and args.simulate is not None:
+        raise UsageError("Event Hubs stamps enqueued times itself: --simulate needs --to local")
     if args.simulate is not None:
         if args.simulate == "now":
             simulate_from = dt.datetime.now(dt.UTC)
@@ -107,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         print("stopped by Ctrl-C", file=sys.stderr)
+    except PublishError as error:  # failed after its retries: throttled, offline, too large
+        raise UsageError(str(error)) from None
     finally:
         publisher.close()
     return 0

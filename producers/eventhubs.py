@@ -93,16 +93,20 @@ class EventHubsPublisher:
 
     def send(self, hub: str, events: Sequence[OutgoingEvent]) -> None:
         producer = self._producer(hub)
-        for batch in _batches(producer, events):
-            self._send_with_retry(producer, hub, batch)
+
+        def new_batch(partition_key: str | None) -> Any:
+            # Creating the first batch opens the link to learn the size limit: it can fail too.
+            return self._with_retry(hub, lambda: producer.create_batch(partition_key=partition_key))
+
+        for batch in _batches(new_batch, events):
+            self._with_retry(hub, lambda batch=batch: producer.send_batch(batch))
             self.sent[hub] += len(batch)
 
-    def _send_with_retry(self, producer: Any, hub: str, batch: Any) -> None:
+    def _with_retry(self, hub: str, action: Callable[[], Any]) -> Any:
         delay = self._backoff
         for attempt in range(1, self._attempts + 1):
             try:
-                producer.send_batch(batch)
-                return
+                return action()
             except Exception as error:
                 if is_credential_error(error):
                     raise UsageError(
@@ -110,8 +114,8 @@ class EventHubsPublisher:
                     ) from None
                 if not _is_transient(error) or attempt == self._attempts:
                     raise PublishError(
-                        f"publishing {len(batch)} events to {hub} failed after {attempt} "
-                        f"attempt(s): {type(error).__name__}: {error}"
+                        f"publishing to {hub} failed after {attempt} attempt(s): "
+                        f"{type(error).__name__}: {_first_line(error)}"
                     ) from error
                 self._sleep(delay)
                 delay *= 2
@@ -122,12 +126,18 @@ class EventHubsPublisher:
         self._producers.clear()
 
 
-def _batches(producer: Any, events: Sequence[OutgoingEvent]) -> Iterator[Any]:
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+
+
+def _batches(
+    new_batch: Callable[[str | None], Any], events: Sequence[OutgoingEvent]
+) -> Iterator[Any]:
     """``EventDataBatch``es holding the events in order: one per run of equal partition keys,
     split wherever the service's size limit is reached."""
     sdk = import_extra("azure.eventhub", "azure")
     for partition_key, run in groupby(events, key=lambda event: event.partition_key):
-        batch = producer.create_batch(partition_key=partition_key)
+        batch = new_batch(partition_key)
         for event in run:
             data = sdk.EventData(event.body)
             try:
@@ -139,7 +149,7 @@ def _batches(producer: Any, events: Sequence[OutgoingEvent]) -> Iterator[Any]:
                         f"({batch.max_size_in_bytes} bytes per message)"
                     ) from None
                 yield batch
-                batch = producer.create_batch(partition_key=partition_key)
+                batch = new_batch(partition_key)
                 batch.add(data)
         if len(batch):
             yield batch

@@ -350,11 +350,14 @@ class FakeProducerClient:
 
     def __init__(self, failures=(), max_size_in_bytes=1024):
         self.failures = list(failures)
+        self.batch_failures: list[Exception] = []
         self.max_size_in_bytes = max_size_in_bytes
         self.sent: list[EventDataBatch] = []
         self.closed = False
 
     def create_batch(self, *, partition_key=None):
+        if self.batch_failures:
+            raise self.batch_failures.pop(0)
         return EventDataBatch(max_size_in_bytes=self.max_size_in_bytes, partition_key=partition_key)
 
     def send_batch(self, batch):
@@ -397,8 +400,9 @@ def test_publisher_retries_transient_failures_with_backoff():
     publisher = EventHubsPublisher(
         EventHubsAddress("ns"), lambda hub: producer, backoff=0.5, sleep=sleeps.append
     )
+    producer.batch_failures = [ConnectionLostError("link not open yet")]
     publisher.send("paymentstopic", [OutgoingEvent("o1", b"x")])
-    assert sleeps == [0.5, 1.0]
+    assert sleeps == [0.5, 0.5, 1.0]
     assert len(producer.sent) == 1
 
 

@@ -24,7 +24,6 @@ from pipeline.io.synapse import (
     SynapseWriter,
     Target,
     WarehouseWriteError,
-    WriteToSynapse,
     access_token_attribute,
     column_mismatch,
     create_staging_statement,
@@ -33,6 +32,7 @@ from pipeline.io.synapse import (
     merge_staging_statement,
     parse_target,
 )
+from pipeline.io.warehouse import WriteToWarehouse
 from pipeline.schema import FACT_COLUMN_NAMES, DeadLetter
 
 ODBC = os.environ.get(
@@ -368,20 +368,37 @@ def test_sql_authentication_from_environment_variables(pyodbc, table, monkeypatc
     connection.close()
 
 
-def test_write_to_synapse_in_a_beam_pipeline(pyodbc, table, monkeypatch):
-    monkeypatch.setattr(synapse, "FACTS", table)
+def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, table, monkeypatch):
+    """WriteToWarehouse picks this writer for an ODBC target; Beam runs it for real."""
+    letters = DEAD_LETTERS._replace(name=f"dead_{uuid.uuid4().hex[:8]}")
+    columns = ", ".join(
+        f'"{c.name}" {synapse._staging_type(c.sql_type, POSTGRES)}' for c in letters.columns
+    )
+    with pyodbc.connect(ODBC, autocommit=True) as connection:
+        connection.execute(f"CREATE TABLE {letters.qualified_name} ({columns})")
     monkeypatch.setitem(synapse.TARGETS, "facts", table)
+    monkeypatch.setitem(synapse.TARGETS, "dead_letters", letters)
     rows = [fact(n) for n in range(30)]
-    with TestPipeline(runner="DirectRunner") as pipeline:
-        _ = pipeline | beam.Create(rows) | WriteToSynapse(ODBC, batch_size=7)
-    assert rows_in(pyodbc, table) == sorted(rows)
-
-
-def test_dead_letters_rows(pyodbc):
     letter = DeadLetter("bookingtopic", "3", 42, 1_770_546_600_123_456, b"\x00{", "not JSON")
-    row = synapse.dead_letter_row(letter)
-    assert row[3] == dt.datetime(2026, 2, 8, 10, 30, 0, 123456)
-    assert sqlglot.parse_one(insert_statement(DEAD_LETTERS), read="tsql")
+    try:
+        with TestPipeline(runner="DirectRunner") as pipeline:
+            _ = (
+                pipeline
+                | "Facts" >> beam.Create(rows)
+                | "W1" >> WriteToWarehouse(ODBC, batch_size=7)
+            )
+            _ = (
+                pipeline
+                | "Letters" >> beam.Create([letter, letter])
+                | "W2" >> WriteToWarehouse(ODBC, "dead_letters")
+            )
+        assert rows_in(pyodbc, table) == sorted(rows)
+        with pyodbc.connect(ODBC) as connection:
+            stored = connection.execute(f"SELECT * FROM {letters.qualified_name}").fetchall()
+        assert [tuple(row) for row in stored] == [synapse.dead_letter_row(letter)]
+    finally:
+        with pyodbc.connect(ODBC, autocommit=True) as connection:
+            connection.execute(f"DROP TABLE {letters.qualified_name}")
 
 
 # ---- live: a real Synapse pool ----

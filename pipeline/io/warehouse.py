@@ -1,7 +1,8 @@
 """The warehouse sink: fact rows and dead letters into any SQLAlchemy database, in batches.
 
 The URL chooses the database: ``sqlite:///.bms/warehouse.db`` (the embedded default),
-``postgresql+psycopg://...``, or SQL Server / Synapse (``mssql+pyodbc://...``). Tables are created
+``postgresql+psycopg://...``, or SQL Server / Synapse (``mssql+pyodbc://...`` or an ODBC
+connection string), which ``pipeline.io.synapse`` writes through pyodbc. Tables are created
 when missing; where the database has schemas the fact table lives in ``bookymyshow`` like the
 Synapse original. Rows are buffered per bundle and written with one parameterised executemany
 per batch, through one engine per DoFn instance.
@@ -18,6 +19,7 @@ import apache_beam as beam
 import sqlalchemy as sa
 from apache_beam.metrics import Metrics
 
+from pipeline.io import synapse
 from pipeline.schema import (
     DEAD_LETTER_TABLE,
     FACT_COLUMN_NAMES,
@@ -208,10 +210,16 @@ class WriteToWarehouse(beam.PTransform):
             raise ValueError(f"target must be 'facts' or 'dead_letters', got {target!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if synapse.is_odbc_target(url):  # SQL Server / Synapse: pyodbc, tables made beforehand
+            self._synapse = synapse.WriteToSynapse(url, target, batch_size=batch_size)
+            return
+        self._synapse = None
         sa.make_url(url)  # fail at construction on a malformed URL
         self._fn = _WriteBatchesFn(url, fact_table, target, batch_size)
 
     def expand(self, rows):
+        if self._synapse is not None:
+            return rows | self._synapse
         return rows | beam.ParDo(self._fn)
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.io.checkpoints import (
+    BlobCheckpointStore,
     CheckpointScope,
     FileCheckpointStore,
     resume_positions,
@@ -101,3 +109,71 @@ def test_enqueued_time_start_is_the_first_event_at_or_after_it(tmp_path_factory,
             hub, "bookingtopic", "0", StartPosition.at_time(BASE + target)
         )
         assert found == next((i for i, t in enumerate(times) if t >= target), len(times))
+
+
+AZURITE = Path(__file__).parent.parent / ".bms/tools/azurite/node_modules/.bin/azurite-blob"
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory):
+    """Azurite's blob service on a free port, with an account whose key this run makes up."""
+    executable = shutil.which("azurite-blob") or (str(AZURITE) if AZURITE.exists() else None)
+    if executable is None:
+        pytest.skip("Azurite is not installed: run scripts/setup-services")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    key = base64.b64encode(os.urandom(64)).decode()
+    process = subprocess.Popen(
+        [executable, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--silent",
+         "--skipApiVersionCheck", "--location", str(tmp_path_factory.mktemp("azurite"))],
+        env={**os.environ, "AZURITE_ACCOUNTS": f"bmstest:{key}"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not _listening(port):
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail("Azurite did not start")
+            time.sleep(0.1)
+        yield (
+            f"DefaultEndpointsProtocol=http;AccountName=bmstest;AccountKey={key};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/bmstest;"
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_blob_store_in_the_sdk_layout_on_azurite(azurite):
+    from azure.eventhub.extensions.checkpointstoreblob import (
+        BlobCheckpointStore as SdkBlobCheckpointStore,
+    )
+
+    sdk_store = SdkBlobCheckpointStore.from_connection_string(azurite, "checkpoints")
+    sdk_store._container_client.create_container()  # docs/azure.md creates it with az
+    scope = CheckpointScope("ns.servicebus.windows.net", "bms")
+    store = BlobCheckpointStore(scope, "checkpoints", connection_string=azurite)
+    assert store.last_processed("bookingtopic") == {}
+    store.commit("bookingtopic", "0", 41)
+    store.commit("bookingtopic", "0", 12)  # older: ignored
+    store.commit("bookingtopic", "3", 7)
+    store.commit("paymentstopic", "0", 1)
+    again = BlobCheckpointStore(scope, "checkpoints", connection_string=azurite)
+    assert resume_positions(again, "bookingtopic") == {"0": 42, "3": 8}
+    other_group = BlobCheckpointStore(scope._replace(consumer_group="x"), "checkpoints", azurite)
+    assert other_group.last_processed("bookingtopic") == {}
+    # The SDK's own processor finds them where it looks for checkpoints:
+    listed = sdk_store.list_checkpoints("ns.servicebus.windows.net", "bookingtopic", "bms")
+    assert sorted((c["partition_id"], c["sequence_number"]) for c in listed) == [
+        ("0", 41),
+        ("3", 7),
+    ]
+    store.close()
+    again.close()
+    other_group.close()
+    sdk_store.close()

@@ -298,6 +298,12 @@ def connect(target: Target, credential: Any = None) -> Any:
     """A pyodbc connection (autocommit off) with SQL authentication or an access token."""
     pyodbc = require_pyodbc()
     settings = _odbc_settings(target.connection_string)
+    driver = settings.get("driver", "").strip("{}")
+    if driver and driver not in pyodbc.drivers():
+        raise UsageError(
+            f"the ODBC driver {driver!r} is not installed (installed: "
+            f"{', '.join(pyodbc.drivers()) or 'none'}); {INSTALL_HINT}"
+        )
     connection_string = target.connection_string
     attributes = {}
     user, password = os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV)
@@ -320,12 +326,6 @@ def connect(target: Target, credential: Any = None) -> Any:
                 f"{USER_ENV}/{PASSWORD_ENV} for SQL authentication"
             ) from None
         attributes[SQL_COPT_SS_ACCESS_TOKEN] = access_token_attribute(token)
-    driver = settings.get("driver", "").strip("{}")
-    if driver and driver not in pyodbc.drivers():
-        raise UsageError(
-            f"the ODBC driver {driver!r} is not installed (installed: "
-            f"{', '.join(pyodbc.drivers()) or 'none'}); {INSTALL_HINT}"
-        )
     return pyodbc.connect(connection_string, attrs_before=attributes or None, autocommit=False)
 
 

@@ -132,3 +132,27 @@ def test_several_processes_append_while_one_reads(tmp_path):
         assert [e.sequence_number for e in partition_events] == list(range(len(partition_events)))
         times = [e.enqueued_time for e in partition_events]
         assert times == sorted(times)
+
+
+def _open_and_append(path, worker):
+    with LocalHub(path) as hub:
+        hub.partition_ids("bookingtopic")
+        hub.append("paymentstopic", [OutgoingEvent(f"k{worker}", b"x")])
+
+
+def test_several_processes_can_create_the_same_new_hub_file_at_once(tmp_path):
+    path = tmp_path / "new" / "hub.db"
+    context = multiprocessing.get_context("spawn")
+    openers = [context.Process(target=_open_and_append, args=(path, n)) for n in range(6)]
+    for opener in openers:
+        opener.start()
+    for opener in openers:
+        opener.join()
+    assert [opener.exitcode for opener in openers] == [0] * 6
+    with LocalHub(path) as hub:
+        assert (
+            sum(
+                len(hub.read("paymentstopic", p, 0, 10)) for p in hub.partition_ids("paymentstopic")
+            )
+            == 6
+        )

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pipeline import pipeline as bms_pipeline
+from pipeline import runners
 from pipeline.cli import UsageError
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
@@ -30,16 +31,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
-    """Beam options from the parsed command line: our flags plus whatever Beam flags followed."""
+    """Beam options from the parsed command line: our flags plus whatever Beam flags followed.
+
+    Bounded runs default to the in-process runner (without DirectRunner's attempt to download
+    Prism first); unbounded runs default to Prism, built locally by scripts/setup-runners.
+    """
     ours = {name: getattr(args, name) for name in _our_option_names()}
-    options = PipelineOptions(args.beam_args, **ours)
-    standard = options.view_as(StandardOptions)
-    if args.bounded and standard.runner is None:
-        # The in-process runner, without DirectRunner's attempt to download Prism first.
-        options = PipelineOptions(
-            args.beam_args, runner="DirectRunner", direct_running_mode="in_memory", **ours
-        )
-    return options
+    runner = PipelineOptions(args.beam_args).view_as(StandardOptions).runner
+    defaults: dict = {}
+    if args.bounded:
+        if runner is None:
+            defaults = {"runner": "DirectRunner", "direct_running_mode": "in_memory"}
+    else:
+        defaults = {"streaming": True}
+        if runner is None:
+            try:
+                prism = runners.prism_binary()
+            except runners.RunnerNotInstalled as error:
+                raise UsageError(f"{error}; or use --bounded") from None
+            defaults |= {
+                "runner": "PrismRunner",
+                "prism_location": prism,
+                "environment_type": "LOOPBACK",
+            }
+    return PipelineOptions(args.beam_args, **defaults, **ours)
 
 
 def _options_parser() -> argparse.ArgumentParser:
@@ -122,11 +137,6 @@ def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.bounded and "--runner" not in " ".join(args.beam_args):
-        raise UsageError(
-            "unbounded runs need a streaming runner (Prism or Flink), which comes in a later "
-            "release; use --bounded to process what the hubs hold now"
-        )
     options = pipeline_options(args)
     result = run_pipeline(options)
     print(summary(counters(result), args.warehouse), file=sys.stdout)

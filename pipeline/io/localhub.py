@@ -23,6 +23,7 @@ from pipeline.schema import HubEvent
 
 DEFAULT_PARTITIONS = 4
 _BUSY_TIMEOUT_S = 30.0
+_CREATE_ATTEMPTS = 200
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS hubs (
@@ -68,10 +69,22 @@ class LocalHub:
         self._default_partitions = partitions
         self._partition_counts: dict[str, int] = {}
         self._round_robin = 0
-        self._db = sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        # Runners call setup, process and teardown from different threads, one at a time.
+        self._db = sqlite3.connect(
+            self.path, timeout=_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.executescript(_SCHEMA)
+                break
+            except sqlite3.OperationalError as error:
+                # Processes opening a new file at once race for the switch to WAL, which does
+                # not wait for the busy timeout.
+                if "locked" not in str(error) or attempt == _CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05)
 
     def __repr__(self) -> str:
         return f"LocalHub({str(self.path)!r})"

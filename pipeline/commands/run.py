@@ -33,15 +33,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
     """Beam options from the parsed command line: our flags plus whatever Beam flags followed.
 
-    Bounded runs default to the in-process runner (without DirectRunner's attempt to download
-    Prism first); unbounded runs default to Prism, built locally by scripts/setup-runners.
+    Bounded runs default to the in-process FnApiRunner, named explicitly: "DirectRunner" would
+    first try to download Prism from GitHub (and, where that works, run on it instead); unbounded
+    runs default to Prism, built locally by scripts/setup-runners.
     """
     ours = {name: getattr(args, name) for name in _our_option_names()}
     runner = PipelineOptions(args.beam_args).view_as(StandardOptions).runner
     defaults: dict = {}
     if args.bounded:
         if runner is None:
-            defaults = {"runner": "DirectRunner", "direct_running_mode": "in_memory"}
+            defaults = {"runner": "FnApiRunner"}
     else:
         defaults = {"streaming": True}
         if runner is None:

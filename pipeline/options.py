@@ -6,7 +6,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.io.hub import DEFAULT_HUB_URL
 from pipeline.io.warehouse import DEFAULT_BATCH_SIZE, DEFAULT_WAREHOUSE_URL
-from pipeline.join import DEFAULT_PERIOD_SECONDS
+from pipeline.join import BOUNDED_PERIOD_SECONDS, DEFAULT_PERIOD_SECONDS
 
 
 class BmsOptions(PipelineOptions):
@@ -33,8 +33,10 @@ class BmsOptions(PipelineOptions):
         parser.add_argument(
             "--window_period",
             type=float,
-            default=DEFAULT_PERIOD_SECONDS,
-            help="seconds between the starts of the join's sliding windows (default: %(default)s)",
+            default=None,
+            help="seconds between the starts of the join's sliding windows; shorter means "
+            f"earlier output when streaming, more work per event (default: "
+            f"{DEFAULT_PERIOD_SECONDS:g}, or {BOUNDED_PERIOD_SECONDS:g} with --bounded)",
         )
         parser.add_argument(
             "--write_batch_size",
@@ -48,3 +50,9 @@ class BmsOptions(PipelineOptions):
             default=1000,
             help="events per hub read call (default: %(default)s)",
         )
+
+    def join_period(self) -> float:
+        """The window period to use: the one given, else the default for the run's mode."""
+        if self.window_period is not None:
+            return self.window_period
+        return BOUNDED_PERIOD_SECONDS if self.bounded else DEFAULT_PERIOD_SECONDS

@@ -36,7 +36,7 @@ class _ParseFn(beam.DoFn):
         self._dead = Metrics.counter("bms", "dead_letters")
         self._no_order_id = Metrics.counter("bms", f"{self._name}_rows_without_order_id")
 
-    def process(self, event: HubEvent):
+    def process(self, event: HubEvent, timestamp=beam.DoFn.TimestampParam):
         self._events.inc()
         try:
             rows = self._parse(event.body)
@@ -49,11 +49,14 @@ class _ParseFn(beam.DoFn):
             reason = f"unexpected {type(error).__name__}: {error}"
             yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter.of(event, reason))
             return
+        micros = timestamp.micros
         for row in rows:
             if row[0] is None:
                 self._no_order_id.inc()
             else:
-                yield row[0], (event.enqueued_time, row)
+                # Grouping drops each element's own timestamp, so the join gets it in the value;
+                # read from the element (not the body), it follows whatever time the source set.
+                yield row[0], (micros, row)
 
 
 class ComputeFacts(beam.PTransform):
@@ -92,7 +95,7 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
         )
         for hub in (BOOKING_HUB, PAYMENT_HUB)
     )
-    result = reads | ComputeFacts(options.window_period)
+    result = reads | ComputeFacts(options.join_period())
     result["facts"] | "WriteFacts" >> WriteToWarehouse(
         options.warehouse, "facts", batch_size=options.write_batch_size
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.io.hub import DEFAULT_HUB_URL
+from pipeline.io.positions import StartPosition
 from pipeline.io.warehouse import DEFAULT_BATCH_SIZE, DEFAULT_WAREHOUSE_URL
 from pipeline.join import BOUNDED_PERIOD_SECONDS, DEFAULT_PERIOD_SECONDS
 
@@ -29,6 +30,13 @@ class BmsOptions(PipelineOptions):
             "--bounded",
             action="store_true",
             help="read what the hubs hold now, write the result and stop",
+        )
+        parser.add_argument(
+            "--start",
+            type=StartPosition.parse,
+            default=StartPosition.earliest(),
+            help="where to start reading each partition: earliest (default), latest, an ISO 8601 "
+            "enqueued time, or partition:sequence pairs such as 0:120,1:97",
         )
         parser.add_argument(
             "--window_period",

@@ -91,7 +91,11 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
         pipeline
         | f"Read {hub}"
         >> ReadFromHub(
-            options.hub, hub, bounded=options.bounded, batch_size=options.read_batch_size
+            options.hub,
+            hub,
+            bounded=options.bounded,
+            start=options.start,
+            batch_size=options.read_batch_size,
         )
         for hub in (BOOKING_HUB, PAYMENT_HUB)
     )

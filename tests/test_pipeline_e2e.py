@@ -14,7 +14,7 @@ from pipeline import rules
 from pipeline.cli import main
 from pipeline.io.localhub import LocalHub
 from pipeline.io.warehouse import read_dead_letters, read_facts
-from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB
+from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB, micros_to_datetime
 from tests.conftest import produce_into
 
 SECOND = 1_000_000
@@ -56,7 +56,7 @@ def brute_force(events):
     return rows, malformed
 
 
-def run_bounded(hub, warehouse):
+def run_bounded(hub, warehouse, *extra):
     completed = subprocess.run(
         [
             sys.executable,
@@ -68,7 +68,8 @@ def run_bounded(hub, warehouse):
             str(hub),
             "--warehouse",
             warehouse,
-        ],
+            *extra,
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
@@ -206,3 +207,18 @@ def test_bad_run_arguments_give_one_line(tmp_path, capsys):
     )
     error = capsys.readouterr().err
     assert "is not a database URL" in error and error.count("\n") == 1
+
+
+def test_start_positions_choose_where_each_partition_is_read_from(tmp_path):
+    hub = tmp_path / "hub.db"
+    produce_into(hub, "--count", "400", "--seed", "2", "--simulate", "2026-02-08T10:00:00Z")
+    events = hub_events(hub)
+    latest = f"sqlite:///{tmp_path / 'latest.db'}"
+    run_bounded(hub, latest, "--start", "latest")
+    assert read_facts(latest) == []
+    cut = sorted(e.enqueued_time for name in HUBS for e in events[name])[len(events) // 2]
+    later = {name: [e for e in events[name] if e.enqueued_time >= cut] for name in HUBS}
+    from_cut = f"sqlite:///{tmp_path / 'from_cut.db'}"
+    run_bounded(hub, from_cut, "--start", micros_to_datetime(cut).isoformat() + "Z")
+    expected, _ = brute_force(later)
+    assert Counter(read_facts(from_cut)) == expected and expected

@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import pipeline as bms_pipeline
 from pipeline import runners
 from pipeline.cli import UsageError
+from pipeline.io import synapse
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
@@ -78,13 +79,14 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
 def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
     """Builds and runs the job, waiting for it to finish (Ctrl-C cancels an unbounded one)."""
     bms = options.view_as(BmsOptions)
-    try:
-        sa.make_url(bms.warehouse)
-    except sa.exc.ArgumentError:
-        raise UsageError(
-            f"--warehouse {bms.warehouse!r} is not a database URL; "
-            "try sqlite:///path/to/warehouse.db"
-        ) from None
+    if not synapse.is_odbc_target(bms.warehouse):
+        try:
+            sa.make_url(bms.warehouse)
+        except sa.exc.ArgumentError:
+            raise UsageError(
+                f"--warehouse {bms.warehouse!r} is not a database URL; "
+                "try sqlite:///path/to/warehouse.db"
+            ) from None
     pipeline = beam.Pipeline(options=options)
     bms_pipeline.build(pipeline, bms)
     result = pipeline.run()
@@ -125,6 +127,8 @@ def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
         "rows per event_category: "
         + (", ".join(f"{name} {value}" for name, value in categories) or "none"),
     ]
+    if synapse.is_odbc_target(warehouse_url) and not warehouse_url.startswith("mssql"):
+        return "\n".join([*lines, "warehouse: the ODBC data source given with --warehouse"])
     url = sa.make_url(warehouse_url)
     if url.get_backend_name() == "sqlite" and url.database:
         lines += [

@@ -29,8 +29,10 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from pipeline.io.hub import open_hub
+from pipeline.io.positions import StartPosition, first_sequence_number
 
 _OPEN_END = sys.maxsize
+EARLIEST_START = StartPosition.earliest()
 
 
 class PartitionRange(NamedTuple):
@@ -45,18 +47,20 @@ class PartitionRange(NamedTuple):
 class _ListPartitions(beam.DoFn):
     """Expands a hub name into one PartitionRange per partition, fixed at job start."""
 
-    def __init__(self, hub_url: str, bounded: bool):
+    def __init__(self, hub_url: str, bounded: bool, start: StartPosition):
         self._hub_url = hub_url
         self._bounded = bounded
+        self._start = start
 
     def process(self, hub: str):
         client = open_hub(self._hub_url)
         try:
             for partition in client.partition_ids(hub):
+                first = first_sequence_number(client, hub, partition, self._start)
                 properties = client.partition_properties(hub, partition)
                 stop = properties.last_sequence_number + 1 if self._bounded else None
-                if stop is None or stop > properties.first_sequence_number:
-                    yield PartitionRange(hub, partition, properties.first_sequence_number, stop)
+                if stop is None or stop > first:
+                    yield PartitionRange(hub, partition, first, stop)
         finally:
             client.close()
 
@@ -165,6 +169,7 @@ class ReadFromHub(beam.PTransform):
       hub_url: where the hubs are (see ``pipeline.io.hub``).
       hub: the hub (event hub) name, e.g. ``bookingtopic``.
       bounded: read what is there at job start and stop, instead of reading forever.
+      start: where to start in each partition (default: the earliest retained event).
       batch_size: events fetched per read call.
       poll_interval: seconds to wait before polling a caught-up partition again (unbounded).
       idle_allowance: how far behind wall-clock time an idle partition holds its watermark.
@@ -176,6 +181,7 @@ class ReadFromHub(beam.PTransform):
         hub: str,
         *,
         bounded: bool,
+        start: StartPosition = EARLIEST_START,
         batch_size: int = 1000,
         poll_interval: float = 0.5,
         idle_allowance: float = 5.0,
@@ -186,6 +192,7 @@ class ReadFromHub(beam.PTransform):
         self._hub_url = hub_url
         self._hub = hub
         self._bounded = bounded
+        self._start = start
         read_fn = _ReadPartitionFn if bounded else _ReadPartitionUnboundedFn
         self._read_fn = read_fn(
             hub_url,
@@ -199,7 +206,8 @@ class ReadFromHub(beam.PTransform):
         return (
             pbegin
             | "Hub" >> beam.Create([self._hub])
-            | "ListPartitions" >> beam.ParDo(_ListPartitions(self._hub_url, self._bounded))
+            | "ListPartitions"
+            >> beam.ParDo(_ListPartitions(self._hub_url, self._bounded, self._start))
             | "SpreadPartitions" >> beam.Reshuffle()
             | "ReadPartitions" >> beam.ParDo(self._read_fn)
         )

@@ -18,6 +18,8 @@ from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
 
+STREAMING_JOB_SERVER_TIMEOUT = 30 * 24 * 3600  # seconds: how long an unbounded run can last
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -45,7 +47,9 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
         if runner is None:
             defaults = {"runner": "FnApiRunner"}
     else:
-        defaults = {"streaming": True}
+        # Portable runners give the job's state and message streams job_server_timeout as a
+        # deadline (300 s by default): past it wait_until_finish fails and takes the job down.
+        defaults = {"streaming": True, "job_server_timeout": STREAMING_JOB_SERVER_TIMEOUT}
         if runner is None:
             try:
                 prism = runners.prism_binary()

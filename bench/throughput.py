@@ -23,21 +23,12 @@ from pathlib import Path
 
 from pipeline import rules
 from pipeline.commands import run as run_command
+from pipeline.io.hub import read_all
 from pipeline.io.localhub import LocalHub
 from pipeline.parity.evaluator import evaluate
-from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB
+from pipeline.schema import BOOKING_HUB, PAYMENT_HUB
 from producers.events import Shares
 from producers.publish import LocalHubPublisher, produce
-
-
-def all_events(hub_path: Path) -> list:
-    with LocalHub(hub_path) as hub:
-        return [
-            event
-            for name in HUBS
-            for partition in hub.partition_ids(name)
-            for event in hub.read(name, partition, 0, 10**9)
-        ]
 
 
 def rules_only(events: list) -> int:
@@ -84,7 +75,8 @@ def main() -> None:
             simulate_from=dt.datetime(2026, 2, 8, tzinfo=dt.UTC),
             progress=None,
         )
-        events = all_events(hub_path)
+        with LocalHub(hub_path) as hub:
+            events = read_all(hub)
         warehouse = f"sqlite:///{Path(directory) / 'warehouse.db'}"
         options = run_command.pipeline_options(
             run_command.parse_run_args(

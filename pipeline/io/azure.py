@@ -37,3 +37,13 @@ def is_credential_error(error: BaseException) -> bool:
     return bool(names & {"CredentialUnavailableError", "ClientAuthenticationError"}) or (
         "AuthenticationError" in names
     )
+
+
+def connection_string_settings(connection_string: str) -> dict[str, str]:
+    """``Key=Value;...`` settings (Event Hubs and ODBC connection strings), keys lower-cased."""
+    settings = {}
+    for part in connection_string.split(";"):
+        key, sep, value = part.partition("=")
+        if sep:
+            settings[key.strip().lower()] = value.strip()
+    return settings

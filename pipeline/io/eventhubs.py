@@ -40,7 +40,12 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 from pipeline.cli import UsageError
-from pipeline.io.azure import default_credential, import_extra, is_credential_error
+from pipeline.io.azure import (
+    connection_string_settings,
+    default_credential,
+    import_extra,
+    is_credential_error,
+)
 from pipeline.io.hub import PartitionProperties
 from pipeline.schema import HubEvent, datetime_to_micros
 
@@ -90,7 +95,7 @@ class EventHubsAddress(NamedTuple):
         """Keyword arguments that make an SDK client for one event hub of this namespace."""
         connection_string = os.environ.get(CONNECTION_STRING_ENV)
         if connection_string:
-            settings = _connection_string_settings(connection_string)
+            settings = connection_string_settings(connection_string)
             if settings.get("entitypath"):
                 raise UsageError(
                     f"{CONNECTION_STRING_ENV} is scoped to the event hub "
@@ -108,15 +113,6 @@ class EventHubsAddress(NamedTuple):
             "eventhub_name": hub,
             "credential": default_credential(),
         }
-
-
-def _connection_string_settings(connection_string: str) -> dict[str, str]:
-    settings = {}
-    for part in connection_string.split(";"):
-        key, sep, value = part.partition("=")
-        if sep:
-            settings[key.strip().lower()] = value.strip()
-    return settings
 
 
 def _sdk():

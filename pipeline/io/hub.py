@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from pipeline.schema import HubEvent
+from pipeline.schema import HUBS, HubEvent
 
 DEFAULT_HUB_URL = ".bms/hub.db"
 
@@ -51,6 +51,16 @@ class OutgoingEvent(NamedTuple):
     partition_key: str | None
     body: bytes
     enqueued_time: int | None = None
+
+
+def read_all(client: HubClient, hubs: Sequence[str] = HUBS) -> list[HubEvent]:
+    """Every event the hubs hold now, partition by partition (tools and tests, not the job)."""
+    return [
+        event
+        for hub in hubs
+        for partition in client.partition_ids(hub)
+        for event in client.read(hub, partition, 0, 2**62)
+    ]
 
 
 def open_hub(url: str = DEFAULT_HUB_URL) -> HubClient:

@@ -45,7 +45,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline.cli import UsageError
-from pipeline.io.azure import default_credential
+from pipeline.io.azure import connection_string_settings, default_credential
 from pipeline.schema import (
     DEAD_LETTER_TABLE,
     FACT_COLUMNS,
@@ -231,15 +231,6 @@ def is_odbc_target(url: str) -> bool:
     )
 
 
-def _odbc_settings(connection_string: str) -> dict[str, str]:
-    settings = {}
-    for part in connection_string.split(";"):
-        key, sep, value = part.partition("=")
-        if sep:
-            settings[key.strip().lower()] = value.strip()
-    return settings
-
-
 def _redact(connection_string: str) -> str:
     return re.sub(r"(?i)(pwd|password)\s*=\s*[^;]*", r"\1=***", connection_string)
 
@@ -250,7 +241,7 @@ def parse_target(url: str) -> Target:
     if not is_odbc_target(url):
         raise UsageError(f"not a SQL Server/Synapse target: {url!r}")
     if not url.startswith("mssql"):
-        driver = _odbc_settings(url).get("driver", "").strip("{}")
+        driver = connection_string_settings(url).get("driver", "").strip("{}")
         dialect = POSTGRES if "postgres" in driver.lower() else TSQL
         return Target(url, dialect)
     parts = urlsplit(url)
@@ -297,7 +288,7 @@ def require_pyodbc() -> Any:
 def connect(target: Target, credential: Any = None) -> Any:
     """A pyodbc connection (autocommit off) with SQL authentication or an access token."""
     pyodbc = require_pyodbc()
-    settings = _odbc_settings(target.connection_string)
+    settings = connection_string_settings(target.connection_string)
     driver = settings.get("driver", "").strip("{}")
     if driver and driver not in pyodbc.drivers():
         raise UsageError(
@@ -522,7 +513,7 @@ class SynapseWriter:
 def writer_for(url: str, target: str = "facts", **options: Any) -> SynapseWriter:
     """A writer for a warehouse URL or ODBC string (``target``: facts or dead_letters)."""
     parsed = parse_target(url)
-    settings = _odbc_settings(parsed.connection_string)
+    settings = connection_string_settings(parsed.connection_string)
     options.setdefault("idempotent", parsed.idempotent)
     options.setdefault("fast_executemany", "odbc driver" in settings.get("driver", "").lower())
     return SynapseWriter(

@@ -80,6 +80,15 @@ def test_a_dropped_column_is_dropped_from_the_output(tmp_path):
         ("FROM [payments] p", "FROM [refunds] p", "unknown input or step 'refunds'"),
         ("JOIN TransformedPaymentStream p", "LEFT JOIN TransformedPaymentStream p", "LEFT"),
         ("p.amount,", "UPPER(p.amount) AS amount,", "Upper"),
+        ("FROM [bookings] b", "FROM [bookings] b TIMESTAMP BY b.booking_time", "TIMESTAMP BY"),
+        ("FROM [payments] p", "FROM [payments] p WHERE p.amount > 0", "WHERE"),
+        (
+            "    SELECT\n        p.payment_id",
+            "    SELECT TOP 5\n        p.payment_id",
+            "TOP in a step",
+        ),
+        ("    AND DATEDIFF(minute, b, p) BETWEEN 0 AND 2", "", "without a DATEDIFF time bound"),
+        ("BETWEEN 0 AND 2", "BETWEEN 0 AND", "not readable as T-SQL"),
     ],
 )
 def test_what_it_does_not_understand_is_an_explicit_error(tmp_path, old, new, construct):
@@ -87,19 +96,77 @@ def test_what_it_does_not_understand_is_an_explicit_error(tmp_path, old, new, co
         evaluate(events(), edited(tmp_path, old, new))
 
 
-def test_unreadable_events_are_reported_not_evaluated():
-    bad = [
-        hub_event(BOOKING_HUB, T0, b"{nope", sequence=5),
-        hub_event(PAYMENT_HUB, T0, b"[1]", sequence=6),
-        hub_event(PAYMENT_HUB, T0, b"\xff", sequence=7),
+def test_events_asa_cannot_read_are_dropped_with_a_reason():
+    seats_not_array = booking_body("o1", seats="A1")
+    bad = {
+        b"{nope": "malformed JSON",
+        b"[1]": "not a JSON object: the body is a JSON array",
+        b"\xff": "not UTF-8 text",
+        b'{"order_id": "o1", "amount": NaN}': "NaN is not JSON",
+        b'{"order_id": "o1",}': "malformed JSON",
+        b'{"order_id": "o1", "amount": 1e400}': "out of a double's range",
+        b'{"order_id": "o1\\ud800"}': "unpaired surrogate",
+        seats_not_array: "b.event_details.seats is not an array",
+    }
+    hub = {seats_not_array: BOOKING_HUB}
+    dropped_events = [
+        hub_event(hub.get(body, PAYMENT_HUB), T0, body, sequence=10 + n)
+        for n, body in enumerate(bad)
     ]
-    result = evaluate(events() + bad)
-    assert sorted(e.sequence_number for e in result.unreadable) == [5, 6, 7]
-    assert len(result.rows) == 2
+    result = evaluate(events() + dropped_events)
+    reasons = {letter.sequence_number: letter.reason for letter in result.dropped}
+    assert sorted(reasons) == [event.sequence_number for event in dropped_events]
+    for event, expected in zip(dropped_events, bad.values(), strict=True):
+        assert expected in reasons[event.sequence_number]
+    assert sorted((row[0], row[8], row[13]) for row in result.rows) == [
+        ("o1", "A1", "p1"),
+        ("o1", "A2", "p1"),
+    ]
+
+
+def test_a_repeated_key_keeps_its_last_value():
+    body = booking_body("o1").replace(b'"order_id":"o1"', b'"order_id":"o0","order_id":"o1"')
+    payment = hub_event(PAYMENT_HUB, T0, payment_body("o1"))
+    assert [row[0] for row in evaluate([hub_event(BOOKING_HUB, T0, body), payment]).rows] == ["o1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-02-08T10:30:00Z", dt.datetime(2026, 2, 8, 10, 30)),
+        ("2026-02-08 10:30", dt.datetime(2026, 2, 8, 10, 30)),
+        ("2026-02-08", dt.datetime(2026, 2, 8)),
+        ("2026-02-08T10:30:00.9999999", dt.datetime(2026, 2, 8, 10, 30, 0, 999999)),
+        ("2026-02-08T23:30:00-08:00", dt.datetime(2026, 2, 9, 7, 30)),
+        ("2026-02-08T10:30:00+0530", dt.datetime(2026, 2, 8, 5)),
+        ("2026-02-08T10:30:00+14:00", dt.datetime(2026, 2, 7, 20, 30)),
+        ("\t2026-02-08T10:30:00Z\u3000", dt.datetime(2026, 2, 8, 10, 30)),
+        ("0001-01-01T00:00:00-01:00", dt.datetime(1, 1, 1, 1)),
+        ("2026-02-08T10:30:00+14:01", None),
+        ("2026-02-08T24:00:00", None),
+        ("2026-02-08T23:59:60", None),
+        ("2026-02-30", None),
+        ("0000-01-01", None),
+        ("0001-01-01T00:00:00+01:00", None),  # before year 1 in UTC
+        ("9999-12-31T23:00:00-02:00", None),  # after year 9999 in UTC
+        ("2026-02-08T10:30:00,5", None),
+        ("2026-02-08T1:30:00", None),
+        ("２０２６-02-08", None),  # not ASCII digits
+        ("soon", None),
+        (1770000000, None),
+    ],
+)
+def test_try_cast_reads_iso_8601_as_utc(text, expected):
+    booking = hub_event(BOOKING_HUB, T0, booking_body("o1", booking_time=text))
+    payment = hub_event(PAYMENT_HUB, T0, payment_body("o1"))
+    (row,) = evaluate([booking, payment]).rows
+    booked = dict(zip(FACT_COLUMN_NAMES, row, strict=True))
+    assert booked["booking_time"] == expected
+    assert booked["booking_hour"] == (expected.hour if expected else None)
 
 
 def test_the_translation_is_duckdb_sql():
-    sql, _ = translate(DEFAULT_QUERY.read_text())
+    sql = translate(DEFAULT_QUERY.read_text()).sql
     assert sqlglot.parse_one(sql, read="duckdb").find(exp.Join) is not None
 
 

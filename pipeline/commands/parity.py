@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
             ]
             actual = read_facts(args.warehouse, args.right_table, start, end)
             names = (f"ASA query over {args.hub}", args.warehouse)
-            if evaluation.unreadable:
-                print(f"events ASA could not read (not evaluated): {len(evaluation.unreadable)}")
+            if evaluation.dropped:
+                print(f"events ASA would drop (not evaluated): {len(evaluation.dropped)}")
         else:
             if not (args.left and args.right):
                 raise UsageError("give two warehouse URLs (LEFT_URL RIGHT_URL), or --events")

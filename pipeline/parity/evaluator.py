@@ -6,33 +6,43 @@ The query is parsed with sqlglot's T-SQL dialect, each step (CTE) is translated 
 explicit rules for the ASA-only parts, and DuckDB executes it over the events:
 
 - inputs (``FROM [bookings]``) are tables of the events' JSON documents, and ``System.Timestamp``
-  is each event's enqueued time (no TIMESTAMP BY);
+  is each event's enqueued time (no TIMESTAMP BY). A body that is not strict JSON (RFC 8259: no
+  NaN, no trailing commas, finite numbers, valid UTF-8) or not a JSON object is dropped, as ASA
+  drops what it cannot deserialize; a repeated key keeps its last value;
 - record property access (``b.customer.name``) is JSON extraction; a value keeps its JSON type
   until it meets a typed context, where a type that does not fit reads as NULL;
 - ``CROSS APPLY GetArrayElements(x) AS s`` unnests a JSON array, ``s.ArrayValue`` is an element;
-- ``TRY_CAST(x AS datetime)`` reads ISO 8601 text as UTC (offsets converted), else NULL;
+  a missing or null ``x`` gives no rows, any other non-array ``x`` is an error that drops the event;
+- ``TRY_CAST(x AS datetime)`` reads ISO 8601 text as UTC (offsets converted, digits past the
+  microsecond truncated, surrounding whitespace ignored), else NULL;
 - ``DATENAME(weekday, t)`` is the English weekday, ``DATEPART(hour, t)`` the hour;
 - ``DATEDIFF(unit, b, p) BETWEEN lo AND hi`` between two step aliases in a JOIN is an inclusive
   bound on elapsed time between the two events' timestamps (not T-SQL boundary counting);
 - the final ``SELECT ... INTO`` converts each column to the fact table's type.
 
-Anything else raises ``UnsupportedConstruct`` naming it: never a silent guess. It is deliberately
+Anything else (TIMESTAMP BY, WHERE, GROUP BY, a join without a time bound, another function...)
+raises ``UnsupportedConstruct`` naming it: never a silent guess. It is deliberately
 independent of ``pipeline.rules`` (that is what parity checks), reading only the assumption
 switches, which the SQL cannot express.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
+import pyarrow
 import sqlglot
 from sqlglot import exp
 
 from pipeline import rules
-from pipeline.schema import BOOKING_HUB, FACT_COLUMNS, PAYMENT_HUB, HubEvent
+from pipeline.schema import BOOKING_HUB, FACT_COLUMNS, PAYMENT_HUB, DeadLetter, HubEvent
 
 DEFAULT_QUERY = Path(__file__).resolve().parents[2] / "sql" / "stream_analytics_job_query.sql"
 #: The job's input aliases and the hubs behind them.
@@ -48,22 +58,41 @@ _UNITS_MICROS = {
     "HOUR": 3_600_000_000,
     "DAY": 86_400_000_000,
 }
-# TRY_CAST(... AS datetime): the ISO 8601 forms ASA reads (offsets up to 14:00).
+# TRY_CAST(... AS datetime): the ISO 8601 forms ASA reads. Field ranges are spelled out (year
+# 0001-9999, hour 00-23, no leap second, offsets up to 14:00); DuckDB's cast checks the calendar.
 _ISO_8601 = (
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
-    r"([T ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]{1,7})?)?"
+    r"(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-9][0-9]{3})-[0-9]{2}-[0-9]{2}"
+    r"([T ]([01][0-9]|2[0-3]):[0-5][0-9](:[0-5][0-9](\.[0-9]{1,7})?)?"
     r"(Z|[+-](((0[0-9]|1[0-3]):?[0-5][0-9])|14:?00))?)?"
 )
+# Leading and trailing whitespace is ignored: Unicode's, as str.isspace defines it (all of it
+# lies below U+3001), as an RE2 character class.
+_SPACE = "[" + "".join(f"\\x{{{code:x}}}" for code in range(0x3001) if chr(code).isspace()) + "]"
 _MACROS = f"""
 CREATE MACRO asa_text(j) AS CASE WHEN json_type(j) = 'VARCHAR' THEN json_extract_string(j, '$') END;
 CREATE MACRO asa_float(j) AS
     CASE WHEN json_type(j) IN ('BIGINT', 'UBIGINT', 'DOUBLE') THEN CAST(j AS DOUBLE) END;
+CREATE MACRO asa_utc(t) AS CASE
+    WHEN t BETWEEN TIMESTAMP '0001-01-01' AND TIMESTAMP '9999-12-31 23:59:59.999999' THEN t END;
+CREATE MACRO asa_trim(s) AS regexp_replace(s, '^{_SPACE}+|{_SPACE}+$', '', 'g');
 CREATE MACRO asa_datetime(j) AS CASE
-    WHEN regexp_full_match(trim(asa_text(j)), '{_ISO_8601}')
-    THEN timezone('UTC', TRY_CAST(trim(asa_text(j)) AS TIMESTAMPTZ)) END;
+    WHEN regexp_full_match(asa_trim(asa_text(j)), '{_ISO_8601}')
+    THEN asa_utc(timezone('UTC', TRY_CAST(asa_trim(asa_text(j)) AS TIMESTAMPTZ))) END;
 CREATE MACRO asa_array(j) AS
     CASE WHEN json_type(j) = 'ARRAY' THEN CAST(j AS JSON[]) ELSE CAST([] AS JSON[]) END;
 """
+
+
+#: The parts of a SELECT the evaluator has rules for; anything else (WHERE, GROUP BY, TOP, ...)
+#: is refused by name.
+_STEP_PARTS = {"expressions", "from_", "joins"}
+_CLAUSES = {
+    "group": "GROUP BY",
+    "order": "ORDER BY",
+    "limit": "TOP",
+    "with_": "WITH",
+    "into": "INTO",
+}
 
 
 class UnsupportedConstruct(ValueError):
@@ -82,18 +111,38 @@ class _Value:
 class _Scope:
     """What names mean inside one step."""
 
-    input_alias: str | None = None  # alias of the input table (JSON documents)
+    input_name: str | None = None  # the input table (JSON documents) read by this step
+    input_alias: str | None = None
     apply_alias: str | None = None  # alias of CROSS APPLY GetArrayElements
+    time_bounded: bool = False  # the join condition holds a DATEDIFF bound
     steps: dict[str, dict[str, bool]] = field(default_factory=dict)  # alias -> column -> variant
+
+
+class ArrayCheck(NamedTuple):
+    """An input whose events are dropped when a CROSS APPLY GetArrayElements argument is not an
+    array (missing or null is fine: no rows)."""
+
+    input_name: str
+    alias: str
+    array_sql: str  # DuckDB SQL of the argument, over the input's documents
+    label: str  # the argument as written in the query
+
+
+class Translation(NamedTuple):
+    """An ASA query in DuckDB SQL, its output columns, and its array checks."""
+
+    sql: str
+    columns: tuple[str, ...]
+    array_checks: tuple[ArrayCheck, ...]
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """The rows ASA would write, their column names, and the events ASA could not read."""
+    """The rows ASA would write, their column names, and the events ASA dropped (with reasons)."""
 
     columns: tuple[str, ...]
     rows: list[tuple]
-    unreadable: list[HubEvent]
+    dropped: list[DeadLetter]
 
 
 def _quote(name: str) -> str:
@@ -108,8 +157,9 @@ class _Translator:
     def __init__(self, tree: exp.Expression):
         self._tree = tree
         self._steps: dict[str, dict[str, bool]] = {}  # step name -> column -> variant
+        self._array_checks: list[ArrayCheck] = []
 
-    def translate(self) -> tuple[str, tuple[str, ...]]:
+    def translate(self) -> Translation:
         select = self._tree
         if not isinstance(select, exp.Select) or select.args.get("into") is None:
             raise UnsupportedConstruct("the query must be one SELECT ... INTO [output] statement")
@@ -121,12 +171,17 @@ class _Translator:
             ctes.append(f"{_quote(name)} AS ({sql})")
         sql, columns = self._step(select, final=True)
         prefix = f"WITH {', '.join(ctes)} " if ctes else ""
-        return prefix + sql, tuple(columns)
+        return Translation(prefix + sql, tuple(columns), tuple(self._array_checks))
 
     def _step(self, select: exp.Select, *, final: bool):
-        for key in ("where", "group", "having", "order", "limit", "distinct"):
-            if select.args.get(key):
-                raise UnsupportedConstruct(f"{key.upper()} in a step")
+        if not isinstance(select, exp.Select):
+            raise UnsupportedConstruct(f"a step that is not a SELECT: {select.sql('tsql')}")
+        understood = {"expressions", "from_", "joins", "with_", "into"} if final else _STEP_PARTS
+        for key, value in select.args.items():
+            if value and key not in understood:
+                raise UnsupportedConstruct(f"{_CLAUSES.get(key, key.upper())} in a step")
+        if not select.args.get("from_"):
+            raise UnsupportedConstruct("a step without FROM")
         scope = _Scope()
         source = select.args["from_"].this
         from_sql, timestamp = self._source(source, scope)
@@ -158,7 +213,7 @@ class _Translator:
         name = table.name.lower()
         alias = table.alias or table.name
         if name in INPUTS:
-            scope.input_alias = alias.lower()
+            scope.input_name, scope.input_alias = name, alias.lower()
             return f"{_quote(name)} AS {_quote(alias)}", f"{_quote(alias)}.{_TIMESTAMP}"
         if name in self._steps:
             scope.steps[alias.lower()] = self._steps[name]
@@ -173,7 +228,18 @@ class _Translator:
                 raise UnsupportedConstruct(f"CROSS APPLY {call.sql('tsql')}")
             if scope.input_alias is None or scope.apply_alias is not None:
                 raise UnsupportedConstruct("CROSS APPLY outside a single-input step")
+            if len(call.expressions) != 1:
+                raise UnsupportedConstruct(f"CROSS APPLY {call.sql('tsql')}: one argument expected")
             array = self._value(call.expressions[0], scope, None)
+            if not array.variant:
+                raise UnsupportedConstruct(
+                    f"GetArrayElements of a computed value: {call.sql('tsql')}"
+                )
+            self._array_checks.append(
+                ArrayCheck(
+                    scope.input_name, scope.input_alias, array.sql, call.expressions[0].sql("tsql")
+                )
+            )
             scope.apply_alias = target.alias.lower()
             return (
                 f"CROSS JOIN LATERAL (SELECT unnest(asa_array({array.sql})) AS value) "
@@ -186,7 +252,12 @@ class _Translator:
         if not isinstance(target, exp.Table) or name not in self._steps:
             raise UnsupportedConstruct(f"JOIN {target.sql('tsql')}: only steps can be joined")
         scope.steps[alias.lower()] = self._steps[name]
+        if join.args.get("using") or not join.args.get("on"):
+            raise UnsupportedConstruct(f"JOIN {target.sql('tsql')} without ON")
         condition = self._condition(join.args["on"], scope)
+        if not scope.time_bounded:
+            # ASA refuses a join of two streams without a time bound; so does the evaluator.
+            raise UnsupportedConstruct(f"JOIN {target.sql('tsql')} without a DATEDIFF time bound")
         return f"JOIN {_quote(name)} AS {_quote(alias)} ON {condition}"
 
     def _condition(self, node: exp.Expression, scope: _Scope) -> str:
@@ -208,6 +279,7 @@ class _Translator:
             if not (isinstance(bound, exp.Literal) and not bound.is_string):
                 raise UnsupportedConstruct(f"DATEDIFF bound {bound.sql('tsql')}")
             bounds.append(int(bound.this) * _UNITS_MICROS[unit])
+        scope.time_bounded = True
         elapsed = f"epoch_us({later}.{_TIMESTAMP}) - epoch_us({earlier}.{_TIMESTAMP})"
         if not rules.JOIN_UPPER_BOUND_INCLUSIVE:
             return f"{elapsed} >= {bounds[0]} AND {elapsed} < {bounds[1]}"
@@ -342,60 +414,130 @@ class _Translator:
         raise UnsupportedConstruct(f"output column {name!r}: an input field as {sql_type}")
 
 
-def translate(query: str) -> tuple[str, tuple[str, ...]]:
-    """The DuckDB SQL of an ASA query, and its output column names."""
-    statements = [s for s in sqlglot.parse(query, read="tsql") if s is not None]
+def translate(query: str) -> Translation:
+    """The DuckDB SQL of an ASA query, its output column names and its array checks."""
+    try:
+        statements = [s for s in sqlglot.parse(query, read="tsql") if s is not None]
+    except sqlglot.errors.ParseError as error:
+        code = re.sub(r"--[^\n]*|/\*.*?\*/", " ", query, flags=re.DOTALL)
+        if re.search(r"\bTIMESTAMP\s+BY\b", code, re.IGNORECASE):  # T-SQL has no such clause
+            raise UnsupportedConstruct(
+                "TIMESTAMP BY: the evaluator models the job without it"
+            ) from None
+        raise UnsupportedConstruct(f"not readable as T-SQL: {error}") from None
     if len(statements) != 1:
         raise UnsupportedConstruct(f"expected one statement, found {len(statements)}")
     return _Translator(statements[0]).translate()
 
 
-def _readable_document(body: bytes) -> str | None:
+class _Unreadable(ValueError):
+    """A body ASA's JSON deserializer rejects; the message is the reason."""
+
+
+_JSON_TYPES = {list: "array", str: "string", bool: "boolean", type(None): "null"}
+
+
+def _no_constant(name: str):
+    raise _Unreadable(f"malformed JSON: {name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Unreadable(f"malformed JSON: {text} is out of a double's range")
+    return value
+
+
+def _document(body: bytes) -> str:
+    """The body as the JSON text of one object (a repeated key keeps its last value), or raises
+    _Unreadable: ASA's input deserializer reads strict JSON (RFC 8259) into records."""
     try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+        document = json.loads(
+            body.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
+        )
+        text = json.dumps(document, ensure_ascii=False, allow_nan=False)
+        text.encode("utf-8")  # a lone surrogate escape (\\ud800) is not a character
+    except _Unreadable:
+        raise
+    except UnicodeDecodeError as error:
+        raise _Unreadable(f"not UTF-8 text: {error}") from None
+    except UnicodeEncodeError:
+        raise _Unreadable("malformed JSON: an unpaired surrogate escape") from None
+    except (ValueError, RecursionError) as error:  # RecursionError: nested too deeply
+        raise _Unreadable(f"malformed JSON: {error}") from None
+    if not isinstance(document, dict):
+        kind = _JSON_TYPES.get(type(document), "number")
+        raise _Unreadable(f"not a JSON object: the body is a JSON {kind}")
+    return text
+
+
+def _load_inputs(database: duckdb.DuckDBPyConnection, events: list[HubEvent]) -> list[DeadLetter]:
+    """One table per input: each readable event's document, System.Timestamp and position."""
+    by_hub = {hub: name for name, hub in INPUTS.items()}
+    staged = {name: ([], [], []) for name in INPUTS}  # documents, enqueued times, positions
+    dropped = []
+    for position, event in enumerate(events):
+        if event.hub not in by_hub:
+            continue
+        try:
+            document = _document(event.body)
+        except _Unreadable as reason:
+            dropped.append(DeadLetter.of(event, str(reason)))
+            continue
+        documents, micros, positions = staged[by_hub[event.hub]]
+        documents.append(document)
+        micros.append(event.enqueued_time)
+        positions.append(position)
+    for name, (documents, micros, positions) in staged.items():
+        arrow = pyarrow.table(
+            {
+                "document": pyarrow.array(documents, pyarrow.string()),
+                "micros": pyarrow.array(micros, pyarrow.int64()),
+                "position": pyarrow.array(positions, pyarrow.int64()),
+            }
+        )
+        database.register("staged", arrow)
+        database.execute(
+            f"CREATE TABLE {_quote(name)} AS SELECT document::JSON AS {_DOCUMENT}, "
+            f"make_timestamp(micros) AS {_TIMESTAMP}, position FROM staged"
+        )
+        database.unregister("staged")
+    return dropped
+
+
+def _drop_non_arrays(
+    database: duckdb.DuckDBPyConnection, checks: Iterable[ArrayCheck], events: list[HubEvent]
+) -> list[DeadLetter]:
+    """Removes the events whose GetArrayElements argument is neither an array, missing nor null:
+    an error in ASA, a dead letter in the pipeline, never rows."""
+    dropped = []
+    for check in checks:
+        source = f"{_quote(check.input_name)} AS {_quote(check.alias)}"
+        where = f"json_type({check.array_sql}) NOT IN ('ARRAY', 'NULL')"
+        positions = database.execute(f"SELECT position FROM {source} WHERE {where}").fetchall()
+        database.execute(
+            f"DELETE FROM {_quote(check.input_name)} WHERE position IN "
+            f"(SELECT position FROM {source} WHERE {where})"
+        )
+        dropped += [
+            DeadLetter.of(events[position], f"{check.label} is not an array")
+            for (position,) in positions
+        ]
+    return dropped
 
 
 def evaluate(events: Iterable[HubEvent], query_path: str | Path = DEFAULT_QUERY) -> Evaluation:
-    """Runs the ASA query file over events (with their enqueued times) in DuckDB."""
-    sql, columns = translate(Path(query_path).read_text())
+    """Runs the ASA query file over events (with their enqueued times) in DuckDB: the rows ASA
+    would write, and the events it would drop."""
+    translation = translate(Path(query_path).read_text())
+    events = list(events)
     database = duckdb.connect()
     try:
         database.execute("SET TimeZone = 'UTC'")
         database.execute(_MACROS)
-        for input_name in INPUTS:
-            database.execute(
-                f"CREATE TABLE {_quote(input_name)} ({_DOCUMENT} JSON, {_TIMESTAMP} TIMESTAMP, "
-                "position INTEGER)"
-            )
-        by_hub = {hub: name for name, hub in INPUTS.items()}
-        staged: dict[str, list[tuple]] = {name: [] for name in INPUTS}
-        events = list(events)
-        for position, event in enumerate(events):
-            if event.hub in by_hub:
-                document = _readable_document(event.body)
-                staged[by_hub[event.hub]].append((document, event.enqueued_time, position))
-        unreadable = []
-        for name, rows in staged.items():
-            database.execute(
-                f"CREATE TEMP TABLE staged ({_DOCUMENT} VARCHAR, micros BIGINT, position INTEGER)"
-            )
-            if rows:
-                database.executemany("INSERT INTO staged VALUES (?, ?, ?)", rows)
-            # ASA drops what it cannot deserialize: not JSON, or not a JSON object.
-            bad = database.execute(
-                f"SELECT position FROM staged WHERE {_DOCUMENT} IS NULL "
-                f"OR NOT json_valid({_DOCUMENT}) OR json_type({_DOCUMENT}) <> 'OBJECT'"
-            ).fetchall()
-            unreadable += [events[position] for (position,) in bad]
-            database.execute(
-                f"INSERT INTO {_quote(name)} SELECT {_DOCUMENT}::JSON, make_timestamp(micros), "
-                f"position FROM staged WHERE {_DOCUMENT} IS NOT NULL AND json_valid({_DOCUMENT}) "
-                f"AND json_type({_DOCUMENT}) = 'OBJECT'"
-            )
-            database.execute("DROP TABLE staged")
-        rows = [tuple(row) for row in database.execute(sql).fetchall()]
+        dropped = _load_inputs(database, events)
+        dropped += _drop_non_arrays(database, translation.array_checks, events)
+        rows = [tuple(row) for row in database.execute(translation.sql).fetchall()]
     finally:
         database.close()
-    return Evaluation(columns, rows, unreadable)
+    return Evaluation(translation.columns, rows, dropped)

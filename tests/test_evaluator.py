@@ -11,7 +11,7 @@ import sqlglot
 from sqlglot import exp
 
 from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate, translate
-from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, PAYMENT_HUB
+from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, FACT_COLUMNS, PAYMENT_HUB
 from tests.conftest import booking_body, hub_event, payment_body
 
 SECOND = 1_000_000
@@ -181,14 +181,23 @@ def test_the_asa_query_parses_as_t_sql():
 
 
 def test_every_synapse_statement_parses_as_t_sql():
-    statements = sqlglot.parse((SQL / "synapse_create_table.sql").read_text(), read="tsql")
+    text = (SQL / "synapse_create_table.sql").read_text()
+    # sqlglot has no grammar for a dedicated pool's columnstore option: check it, then parse
+    fact_options = "WITH (DISTRIBUTION = HASH(order_id), CLUSTERED COLUMNSTORE INDEX);"
+    assert text.count(fact_options) == 1
+    statements = sqlglot.parse(
+        text.replace(fact_options, "WITH (DISTRIBUTION = HASH(order_id));"), read="tsql"
+    )
     tables = {
-        s.this.this.name: [c.name for c in s.this.expressions]
+        s.this.this.name: [(c.name, c.args["kind"].sql("tsql")) for c in s.this.expressions]
         for s in statements
         if isinstance(s, exp.Create) and s.kind == "TABLE"
     }
-    assert tables["bookings_fact"] == list(FACT_COLUMN_NAMES)
-    assert tables["dead_letters"] == [
+    assert tables["bookings_fact"] == [  # the names, order and types of pipeline.schema
+        (column.name, exp.DataType.build(column.sql_type, dialect="tsql").sql("tsql"))
+        for column in FACT_COLUMNS
+    ]
+    assert [name for name, _ in tables["dead_letters"]] == [
         "hub",
         "partition",
         "sequence_number",
@@ -201,5 +210,4 @@ def test_every_synapse_statement_parses_as_t_sql():
     assert len(commands) == 2
     assert re.fullmatch(r"CREATE USER \[[\w-]+\] FROM EXTERNAL PROVIDER", commands[0])
     assert re.fullmatch(r"GRANT SELECT, INSERT ON SCHEMA::bookymyshow TO \[[\w-]+\]", commands[1])
-    create = next(s for s in statements if isinstance(s, exp.Create) and s.kind == "TABLE")
-    assert "DISTRIBUTION=HASH(order_id)" in create.sql("tsql").replace(" ", "")
+    assert "db_owner" not in " ".join(commands)

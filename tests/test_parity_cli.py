@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 import sqlalchemy as sa
 
 from pipeline.cli import main
+from pipeline.commands import parity as parity_command
 from pipeline.io.warehouse import write_rows
 from pipeline.parity.compare import compare
 from tests.conftest import produce_into
@@ -57,16 +59,42 @@ def test_a_time_range_limits_the_comparison(tmp_path):
     assert main(["parity", left, right, "--from", "2026-02-08T11:00:00"]) == 1
 
 
-def test_events_mode_compares_the_warehouse_with_the_asa_query(tmp_path, capsys):
+def test_events_mode_compares_the_warehouse_with_the_asa_query(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(parity_command, "READ_PAGE", 7)  # many pages per partition
     hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'w.db'}"
     produce_into(hub, "--count", "300", "--seed", "3", "--simulate",
           "2026-02-08T10:00:00Z", "--malformed-share", "0.05")  # fmt: skip
     assert main(["run", "--bounded", "--hub", str(hub), "--warehouse", warehouse]) == 0
+    capsys.readouterr()
     assert main(["parity", "--events", "--hub", str(hub), "--warehouse", warehouse]) == 0
-    assert "equal" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "equal" in out
+    dropped = int(re.search(r"events ASA would drop: (\d+); dead letters: \1\n", out).group(1))
+    assert dropped > 0
+
     write_rows(warehouse, [fact("planted")])
     assert main(["parity", "--events", "--hub", str(hub), "--warehouse", warehouse]) == 1
     assert "'planted'" in capsys.readouterr().out
+
+
+def test_events_mode_finds_a_lost_dead_letter(tmp_path, capsys):
+    hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'w.db'}"
+    produce_into(hub, "--count", "100", "--seed", "4", "--simulate",
+          "2026-02-08T10:00:00Z", "--malformed-share", "0.1")  # fmt: skip
+    assert main(["run", "--bounded", "--hub", str(hub), "--warehouse", warehouse]) == 0
+    with sa.create_engine(warehouse).begin() as connection:
+        hub_name, partition, sequence = connection.exec_driver_sql(
+            "SELECT hub, partition, sequence_number FROM dead_letters LIMIT 1"
+        ).one()
+        connection.exec_driver_sql(
+            "DELETE FROM dead_letters WHERE hub = ? AND partition = ? AND sequence_number = ?",
+            (hub_name, partition, sequence),
+        )
+    capsys.readouterr()
+    assert main(["parity", "--events", "--hub", str(hub), "--warehouse", warehouse]) == 1
+    out = capsys.readouterr().out
+    assert "equal: every row matches" in out  # the facts still match
+    assert f"dropped by ASA, not dead-lettered: 1\n  {hub_name} partition {partition} " in out
 
 
 @pytest.mark.parametrize(

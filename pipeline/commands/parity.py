@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections import Counter
 from pathlib import Path
 
 from pipeline import rules
 from pipeline.cli import UsageError
 from pipeline.io.hub import DEFAULT_HUB_URL, open_hub
-from pipeline.io.warehouse import DEFAULT_WAREHOUSE_URL, read_facts
+from pipeline.io.warehouse import DEFAULT_WAREHOUSE_URL, read_dead_letters, read_facts
 from pipeline.parity.compare import compare
 from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate
-from pipeline.schema import FACT_COLUMN_NAMES, FACT_TABLE, HUBS
+from pipeline.schema import (
+    FACT_COLUMN_NAMES,
+    FACT_TABLE,
+    HUBS,
+    DeadLetter,
+    HubEvent,
+    micros_to_datetime,
+)
 
 BOOKED = FACT_COLUMN_NAMES.index("booking_event_time")
+READ_PAGE = 10_000  # events per hub read
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--events",
         action="store_true",
-        help="compare --warehouse with the ASA query evaluated over the events in --hub",
+        help="compare --warehouse (its facts and dead letters) with the ASA query evaluated "
+        "over the events in --hub",
     )
     parser.add_argument(
         "--hub", default=DEFAULT_HUB_URL, help="with --events (default: %(default)s)"
@@ -63,45 +73,76 @@ def _time(text: str | None, flag: str) -> dt.datetime | None:
     return moment
 
 
-def _hub_events(url: str) -> list:
+def _hub_events(url: str) -> list[HubEvent]:
+    """Every event the hub holds now, read partition by partition in pages."""
     client = open_hub(url)
+    events: list[HubEvent] = []
     try:
-        return [
-            event
-            for hub in HUBS
-            for partition in client.partition_ids(hub)
-            for event in client.read(hub, partition, 0, 2**62)
-        ]
+        for hub in HUBS:
+            for partition in client.partition_ids(hub):
+                page = client.read(hub, partition, 0, READ_PAGE)
+                while page:
+                    events += page
+                    page = client.read(hub, partition, page[-1].sequence_number + 1, READ_PAGE)
     finally:
         client.close()
+    return events
+
+
+def _in_range(moment: dt.datetime, start: dt.datetime | None, end: dt.datetime | None) -> bool:
+    return (start is None or moment >= start) and (end is None or moment < end)
+
+
+def _positions(letters: list[DeadLetter], start, end) -> Counter:
+    """Where in the hubs the letters' events are, for those enqueued in [start, end)."""
+    return Counter(
+        (letter.hub, letter.partition, letter.sequence_number)
+        for letter in letters
+        if _in_range(micros_to_datetime(letter.enqueued_time), start, end)
+    )
+
+
+def _dead_letter_report(dropped: Counter, dead: Counter, show: int) -> str:
+    """Events the ASA query drops against the warehouse's dead letters, by hub position."""
+    lines = [f"events ASA would drop: {sum(dropped.values())}; dead letters: {sum(dead.values())}"]
+    for title, positions in (
+        ("dropped by ASA, not dead-lettered", dropped - dead),
+        ("dead-lettered, not dropped by ASA", dead - dropped),
+    ):
+        if positions:
+            lines.append(f"{title}: {sum(positions.values())}")
+            lines += [f"  {hub} partition {p} sequence {n}" for hub, p, n in list(positions)[:show]]
+    return "\n".join(lines)
+
+
+def _compare_with_events(args: argparse.Namespace, start, end) -> int:
+    """The warehouse against the ASA query over the hub: fact rows, then dead letters."""
+    if args.left or args.right:
+        raise UsageError("give either two warehouse URLs or --events, not both")
+    if not args.query.is_file():
+        raise UsageError(f"no ASA query at {args.query}; pass --query PATH")
+    evaluation = evaluate(_hub_events(args.hub), args.query)
+    expected = [row for row in evaluation.rows if _in_range(row[BOOKED], start, end)]
+    comparison = compare(expected, read_facts(args.warehouse, args.right_table, start, end))
+    print(comparison.report(f"ASA query over {args.hub}", args.warehouse, show=args.show))
+    dropped = _positions(evaluation.dropped, start, end)
+    dead = _positions(read_dead_letters(args.warehouse), start, end)
+    print(_dead_letter_report(dropped, dead, args.show))
+    return 0 if comparison.equal and dropped == dead else 1
 
 
 def run(args: argparse.Namespace) -> int:
     start, end = _time(args.start, "--from"), _time(args.end, "--to")
     try:
         if args.events:
-            if args.left or args.right:
-                raise UsageError("give either two warehouse URLs or --events, not both")
-            if not args.query.is_file():
-                raise UsageError(f"no ASA query at {args.query}; pass --query PATH")
-            evaluation = evaluate(_hub_events(args.hub), args.query)
-            expected = [
-                row
-                for row in evaluation.rows
-                if (start is None or row[BOOKED] >= start) and (end is None or row[BOOKED] < end)
-            ]
-            actual = read_facts(args.warehouse, args.right_table, start, end)
-            names = (f"ASA query over {args.hub}", args.warehouse)
-            if evaluation.dropped:
-                print(f"events ASA would drop (not evaluated): {len(evaluation.dropped)}")
-        else:
-            if not (args.left and args.right):
-                raise UsageError("give two warehouse URLs (LEFT_URL RIGHT_URL), or --events")
-            expected = read_facts(args.left, args.left_table, start, end)
-            actual = read_facts(args.right, args.right_table, start, end)
-            names = (f"{args.left} {args.left_table}", f"{args.right} {args.right_table}")
+            return _compare_with_events(args, start, end)
+        if not (args.left and args.right):
+            raise UsageError("give two warehouse URLs (LEFT_URL RIGHT_URL), or --events")
+        expected = read_facts(args.left, args.left_table, start, end)
+        actual = read_facts(args.right, args.right_table, start, end)
     except (ValueError, UnsupportedConstruct) as error:
         raise UsageError(str(error)) from None
     comparison = compare(expected, actual)
+    names = (f"{args.left} {args.left_table}", f"{args.right} {args.right_table}")
     print(comparison.report(*names, show=args.show))
     return 0 if comparison.equal else 1

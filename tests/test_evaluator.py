@@ -10,6 +10,7 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
+from pipeline import rules
 from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate, translate
 from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, FACT_COLUMNS, PAYMENT_HUB
 from tests.conftest import booking_body, hub_event, payment_body
@@ -211,3 +212,14 @@ def test_every_synapse_statement_parses_as_t_sql():
     assert re.fullmatch(r"CREATE USER \[[\w-]+\] FROM EXTERNAL PROVIDER", commands[0])
     assert re.fullmatch(r"GRANT SELECT, INSERT ON SCHEMA::bookymyshow TO \[[\w-]+\]", commands[1])
     assert "db_owner" not in " ".join(commands)
+
+
+def test_the_assumption_switches_are_followed_or_refused(monkeypatch):
+    booking = hub_event(BOOKING_HUB, T0, booking_body("o1"))
+    on_the_bound = hub_event(PAYMENT_HUB, T0 + 120 * SECOND, payment_body("o1"))
+    assert len(evaluate([booking, on_the_bound]).rows) == 1
+    monkeypatch.setattr(rules, "JOIN_UPPER_BOUND_INCLUSIVE", False)
+    assert evaluate([booking, on_the_bound]).rows == []
+    monkeypatch.setattr(rules, "CASE_SENSITIVE_MATCHING", False)
+    with pytest.raises(UnsupportedConstruct, match="case-insensitive matching"):
+        evaluate([booking, on_the_bound])

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from pipeline import rules
 from pipeline.schema import FACT_COLUMN_NAMES, datetime_to_micros, micros_to_datetime
+from tests.conftest import booking_document
 
 #: The central properties get more examples than the profile's default; the file stays < 5 s.
 thorough = settings(max_examples=300)
@@ -557,21 +558,11 @@ def test_booking_rows_flatten_one_row_per_seat(document):
 
 
 def booking(**overrides) -> dict:
-    document = {
-        "order_id": "o1",
-        "booking_time": "2026-02-08T10:30:00Z",
-        "customer": {"customer_id": "c1", "name": "Ana", "email": "ana@example.com"},
-        "event_details": {
-            "event_id": "e1",
-            "event_name": "Rock Concert",
-            "event_location": "1 Main St",
-            "seats": [{"seat_number": "A1", "price": 75}, {"seat_number": "A2", "price": 80.5}],
-        },
-    }
-    for key, value in overrides.items():
-        target = document["event_details"] if key in document["event_details"] else document
-        target[key] = value
-    return document
+    overrides.setdefault("order_id", "o1")
+    overrides.setdefault(
+        "seats", [{"seat_number": "A1", "price": 75}, {"seat_number": "A2", "price": 80.5}]
+    )
+    return booking_document(**overrides)
 
 
 def test_booking_rows_one_row_per_seat_in_order():

@@ -33,6 +33,18 @@ ROWS_PER_CATEGORY_NAMESPACE = "bms.fact_rows_per_category"
 CATEGORY_INDEX = FACT_COLUMN_NAMES.index("event_category")
 
 
+def window_size_micros(period_seconds: float) -> int:
+    """How long each sliding window lasts: the join's 120 s plus one period."""
+    return rules.JOIN_WINDOW_MICROS + _period_micros(period_seconds)
+
+
+def _period_micros(period_seconds: float) -> int:
+    period_micros = round(period_seconds * 1_000_000)
+    if period_micros <= 0:
+        raise ValueError(f"period_seconds must be positive, got {period_seconds}")
+    return period_micros
+
+
 def canonical_window_start(timestamp_micros: int, period_micros: int) -> int:
     """The start of the latest sliding window (offset 0) that starts at or before a timestamp."""
     return timestamp_micros - timestamp_micros % period_micros
@@ -100,15 +112,13 @@ class JoinBookingsToPayments(beam.PTransform):
 
     def __init__(self, period_seconds: float = DEFAULT_PERIOD_SECONDS):
         super().__init__()
-        period_micros = round(period_seconds * 1_000_000)
-        if period_micros <= 0:
-            raise ValueError(f"period_seconds must be positive, got {period_seconds}")
-        self._period_micros = period_micros
+        self._period_micros = _period_micros(period_seconds)
+        self._size_micros = window_size_micros(period_seconds)
 
     def expand(self, keyed):
         bookings, payments = keyed
         windowing = SlidingWindows(
-            size=Duration(micros=rules.JOIN_WINDOW_MICROS + self._period_micros),
+            size=Duration(micros=self._size_micros),
             period=Duration(micros=self._period_micros),
         )
         return (

@@ -39,6 +39,13 @@ class BmsOptions(PipelineOptions):
             "enqueued time, or partition:sequence pairs such as 0:120,1:97",
         )
         parser.add_argument(
+            "--checkpoints",
+            default=None,
+            help="where to keep read positions, committed once their rows are written: a folder, "
+            "https://ACCOUNT.blob.core.windows.net/CONTAINER or blob:CONTAINER; a rerun resumes "
+            "from them, and rows are written idempotently (default: none, start from --start)",
+        )
+        parser.add_argument(
             "--window_period",
             type=float,
             default=None,

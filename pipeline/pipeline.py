@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from pipeline import rules
-from pipeline.io.source import ReadFromHub
+from pipeline.io.checkpoints import open_checkpoint_store
+from pipeline.io.hub import checkpoint_scope
+from pipeline.io.progress import CommitPositions
+from pipeline.io.source import EVENTS, POSITIONS, ReadFromHub
 from pipeline.io.warehouse import WriteToWarehouse
-from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments
+from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments, window_size_micros
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, DeadLetter, HubEvent
 
@@ -86,8 +90,10 @@ class ComputeFacts(beam.PTransform):
 
 
 def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
-    """Wires the whole job into ``pipeline``: both hubs -> ComputeFacts -> the warehouse."""
-    reads = tuple(
+    """Wires the whole job into ``pipeline``: both hubs -> ComputeFacts -> the warehouse, and
+    with ``--checkpoints`` the commits of read positions once their rows are written."""
+    checkpoints = options.checkpoints
+    reads = [
         pipeline
         | f"Read {hub}"
         >> ReadFromHub(
@@ -95,14 +101,30 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
             hub,
             bounded=options.bounded,
             start=options.start,
+            checkpoints=checkpoints,
+            with_positions=True,
             batch_size=options.read_batch_size,
         )
         for hub in (BOOKING_HUB, PAYMENT_HUB)
-    )
-    result = reads | ComputeFacts(options.join_period())
-    result["facts"] | "WriteFacts" >> WriteToWarehouse(
-        options.warehouse, "facts", batch_size=options.write_batch_size
-    )
-    result[DEAD_LETTERS] | "WriteDeadLetters" >> WriteToWarehouse(
-        options.warehouse, DEAD_LETTERS, batch_size=options.write_batch_size
-    )
+    ]
+    result = tuple(read[EVENTS] for read in reads) | ComputeFacts(options.join_period())
+    idempotent = checkpoints is not None
+    written = [
+        result[target]
+        | f"Write{label}"
+        >> WriteToWarehouse(
+            options.warehouse,
+            target,
+            batch_size=options.write_batch_size,
+            idempotent=idempotent,
+        )
+        for target, label in (("facts", "Facts"), (DEAD_LETTERS, "DeadLetters"))
+    ]
+    if checkpoints is not None:
+        open_store = functools.partial(
+            open_checkpoint_store, checkpoints, checkpoint_scope(options.hub)
+        )
+        span = window_size_micros(options.join_period())
+        _ = (*(read[POSITIONS] for read in reads), *written) | "CommitPositions" >> CommitPositions(
+            open_store, span
+        )

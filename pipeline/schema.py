@@ -46,6 +46,11 @@ FACT_COLUMNS: tuple[Column, ...] = (
     Column("payment_event_time", "DATETIME2"),
 )
 FACT_COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in FACT_COLUMNS)
+#: What identifies a fact row for idempotent writes (a replay must not add it twice); the most
+#: selective column first. Rows equal in all of these collapse into one.
+FACT_KEY = ("order_id", "seat_number", "payment_id", "booking_event_time", "payment_event_time")
+#: What identifies a dead letter: the event's place in its hub.
+DEAD_LETTER_KEY = ("sequence_number", "hub", "partition")
 
 # A fact row is a plain tuple of 20 values in FACT_COLUMNS order: str | float | int | None, and
 # naive UTC datetime for the DATETIME2 columns. Tuples keep the hot path cheap to encode.

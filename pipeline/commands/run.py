@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 from collections.abc import Mapping
 
 import apache_beam as beam
@@ -13,7 +16,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from pipeline import pipeline as bms_pipeline
 from pipeline import runners
 from pipeline.cli import UsageError
-from pipeline.io import synapse
+from pipeline.io import progress, synapse
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
@@ -27,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="run the pipeline: hubs -> join -> warehouse",
         description="Run the pipeline. With --bounded it reads what the hubs hold now on the "
         "in-process runner and stops; without, it runs unbounded on a streaming runner until "
-        "Ctrl-C. Options it does not know (--runner, --flink_master, ...) go to Apache Beam.",
+        "Ctrl-C, which drains it (a second Ctrl-C cancels). Options it does not know "
+        "(--runner, --flink_master, ...) go to Apache Beam.",
     )
     BmsOptions._add_argparse_args(parser)
     parser.set_defaults(func=run, beam_args_allowed=True)
@@ -81,7 +85,12 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
-    """Builds and runs the job, waiting for it to finish (Ctrl-C cancels an unbounded one)."""
+    """Builds and runs the job, waiting for it to finish.
+
+    An unbounded job drains on Ctrl-C (see ``pipeline.io.progress``): reading stops, open
+    windows fire, rows are written and positions committed, then the job ends; a second Ctrl-C
+    cancels it at once. A bounded job is cancelled by Ctrl-C.
+    """
     bms = options.view_as(BmsOptions)
     if not synapse.is_odbc_target(bms.warehouse):
         try:
@@ -93,13 +102,39 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
             ) from None
     pipeline = beam.Pipeline(options=options)
     bms_pipeline.build(pipeline, bms)
+    progress.reset_drain()
     result = pipeline.run()
     try:
-        result.wait_until_finish()
+        with _drain_on_interrupt(enabled=not bms.bounded):
+            result.wait_until_finish()
     except KeyboardInterrupt:
         result.cancel()
         raise
     return result
+
+
+@contextlib.contextmanager
+def _drain_on_interrupt(enabled: bool):
+    """While inside, the first SIGINT requests a drain and the next raises KeyboardInterrupt."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum, frame):
+        if progress.drain_requested():
+            raise KeyboardInterrupt
+        progress.request_drain()
+        print(
+            "bms run: draining: reading stops, open windows are written and positions "
+            "committed; Ctrl-C again cancels at once",
+            file=sys.stderr,
+        )
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def counters(result: beam.runners.runner.PipelineResult) -> dict[tuple[str, str], int]:

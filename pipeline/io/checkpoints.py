@@ -14,6 +14,7 @@ event hub and consumer group, so two jobs with different consumer groups keep se
     processors.
 
 Commits only ever move a partition forward: a late commit of an older position is ignored.
+``open_checkpoint_store`` picks the store from a location (``bms run --checkpoints``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote
 
 from pipeline.io.azure import default_credential, import_extra
+
+STORAGE_CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 
 
 class CheckpointScope(NamedTuple):
@@ -159,3 +162,24 @@ class BlobCheckpointStore:
 
     def close(self) -> None:
         self._store.close()
+
+
+def open_checkpoint_store(location: str, scope: CheckpointScope) -> CheckpointStore:
+    """The checkpoint store at a location.
+
+    ``https://ACCOUNT.blob.core.windows.net/CONTAINER`` is a blob container reached with
+    DefaultAzureCredential; ``blob:CONTAINER`` one in the account of the connection string in
+    ``AZURE_STORAGE_CONNECTION_STRING``; anything else is a local folder.
+    """
+    if location.startswith("https://"):
+        return BlobCheckpointStore(scope, location)
+    if location.startswith("blob:"):
+        connection_string = os.environ.get(STORAGE_CONNECTION_STRING_ENV)
+        if not connection_string:
+            raise ValueError(
+                f"checkpoints {location!r} need {STORAGE_CONNECTION_STRING_ENV} set to the storage "
+                "account's connection string, or give the container's https:// URL to sign in "
+                "with DefaultAzureCredential"
+            )
+        return BlobCheckpointStore(scope, location.removeprefix("blob:"), connection_string)
+    return FileCheckpointStore(location, scope)

@@ -91,6 +91,13 @@ class EventHubsAddress(NamedTuple):
             )
         return cls(namespace, consumer_group)
 
+    def checkpoint_namespace(self) -> str:
+        """The fully qualified namespace, from the URL or the connection string's Endpoint."""
+        if self.namespace:
+            return self.namespace
+        settings = connection_string_settings(os.environ.get(CONNECTION_STRING_ENV, ""))
+        return urlsplit(settings.get("endpoint", "")).hostname or ""
+
     def client_arguments(self, hub: str) -> dict[str, Any]:
         """Keyword arguments that make an SDK client for one event hub of this namespace."""
         connection_string = os.environ.get(CONNECTION_STRING_ENV)

@@ -13,8 +13,10 @@ URLs:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from pipeline.io.checkpoints import CheckpointScope
 from pipeline.schema import HUBS, HubEvent
 
 DEFAULT_HUB_URL = ".bms/hub.db"
@@ -61,6 +63,17 @@ def read_all(client: HubClient, hubs: Sequence[str] = HUBS) -> list[HubEvent]:
         for partition in client.partition_ids(hub)
         for event in client.read(hub, partition, 0, 2**62)
     ]
+
+
+def checkpoint_scope(url: str) -> CheckpointScope:
+    """Whose progress a job reading the hubs at this URL keeps: its namespace and consumer group
+    (the local hub: its file's absolute path, consumer group ``$Default``)."""
+    if url.startswith("eventhubs://"):
+        from pipeline.io.eventhubs import EventHubsAddress
+
+        address = EventHubsAddress.parse(url)
+        return CheckpointScope(address.checkpoint_namespace(), address.consumer_group)
+    return CheckpointScope(str(Path(url.removeprefix("local:")).resolve()), "$Default")
 
 
 def open_hub(url: str = DEFAULT_HUB_URL) -> HubClient:

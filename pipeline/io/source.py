@@ -26,12 +26,20 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
-from pipeline.io.hub import open_hub
+from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
+from pipeline.io.hub import checkpoint_scope, open_hub
 from pipeline.io.positions import StartPosition, first_sequence_number
+from pipeline.io.progress import PositionMark, drain_requested
+from pipeline.schema import HubEvent
 
 _OPEN_END = sys.maxsize
+EVENTS = "events"
+POSITIONS = "positions"
+#: Besides one per read call, a position mark whenever event time enters a new interval of
+#: this length, so a long read call still leaves positions to commit along the way.
+MARK_INTERVAL_MICROS = 10_000_000
 EARLIEST_START = StartPosition.earliest()
 
 
@@ -45,18 +53,26 @@ class PartitionRange(NamedTuple):
 
 
 class _ListPartitions(beam.DoFn):
-    """Expands a hub name into one PartitionRange per partition, fixed at job start."""
+    """Expands a hub name into one PartitionRange per partition, fixed at job start; a partition
+    with a checkpoint resumes after it."""
 
-    def __init__(self, hub_url: str, bounded: bool, start: StartPosition):
+    def __init__(self, hub_url: str, bounded: bool, start: StartPosition, checkpoints: str | None):
         self._hub_url = hub_url
         self._bounded = bounded
         self._start = start
+        self._checkpoints = checkpoints
 
     def process(self, hub: str):
+        resume = {}
+        if self._checkpoints is not None:
+            store = open_checkpoint_store(self._checkpoints, checkpoint_scope(self._hub_url))
+            resume = resume_positions(store, hub)
         client = open_hub(self._hub_url)
         try:
             for partition in client.partition_ids(hub):
-                first = first_sequence_number(client, hub, partition, self._start)
+                first = first_sequence_number(
+                    client, hub, partition, self._start, resume.get(partition)
+                )
                 properties = client.partition_properties(hub, partition)
                 stop = properties.last_sequence_number + 1 if self._bounded else None
                 if stop is None or stop > first:
@@ -118,6 +134,12 @@ class _ReadPartitionFn(beam.DoFn):
     ):
         restriction = tracker.current_restriction()
         position = restriction.start
+        last = None
+        next_mark_at = MIN_TIMESTAMP.micros  # marks at least every MARK_INTERVAL of event time
+        if restriction.stop == _OPEN_END and drain_requested():
+            tracker.try_claim(_OPEN_END)  # ends the open range: nothing more will be claimed
+            yield _mark(element, None, _watermark_micros(watermark), final=True)
+            return
         for _ in range(self._max_batches_per_call):
             limit = min(self._batch_size, restriction.stop - position)
             events = self._client.read(element.hub, element.partition, position, limit)
@@ -125,16 +147,26 @@ class _ReadPartitionFn(beam.DoFn):
                 break
             for event in events:
                 if not tracker.try_claim(event.sequence_number):
+                    yield from _marks(element, last)
                     return
+                if event.enqueued_time >= next_mark_at:
+                    yield from _marks(element, last)
+                    next_mark_at = event.enqueued_time - event.enqueued_time % MARK_INTERVAL_MICROS
+                    next_mark_at += MARK_INTERVAL_MICROS
                 yield beam.window.TimestampedValue(event, Timestamp(micros=event.enqueued_time))
+                last = event
             self._events_read.inc(len(events))
             position = events[-1].sequence_number + 1
             _advance(watermark, events[-1].enqueued_time)
             if position >= restriction.stop:
+                yield from _marks(element, last)
+                yield _mark(element, last, last.enqueued_time, final=True)
                 return
         else:
+            yield from _marks(element, last)
             tracker.defer_remainder()  # more to read: give the runner a checkpoint
             return
+        yield from _marks(element, last)
         if restriction.stop != _OPEN_END:
             raise RuntimeError(
                 f"hub {element.hub!r} partition {element.partition} has no events from sequence "
@@ -156,6 +188,25 @@ class _ReadPartitionUnboundedFn(_ReadPartitionFn):
         yield from super().process(element, tracker, watermark)
 
 
+def _mark(element: PartitionRange, last: HubEvent | None, micros: int, final: bool = False):
+    sequence_number = -1 if last is None else last.sequence_number
+    mark = PositionMark(element.hub, element.partition, sequence_number, micros, final)
+    return beam.pvalue.TaggedOutput(
+        POSITIONS, beam.window.TimestampedValue(mark, Timestamp(micros=micros))
+    )
+
+
+def _marks(element: PartitionRange, last: HubEvent | None):
+    """The mark of the last event read by this call, if it read any."""
+    if last is not None:
+        yield _mark(element, last, last.enqueued_time)
+
+
+def _watermark_micros(watermark: ManualWatermarkEstimator) -> int:
+    current = watermark.current_watermark()
+    return MIN_TIMESTAMP.micros if current is None else current.micros
+
+
 def _advance(watermark: ManualWatermarkEstimator, micros: int) -> None:
     current = watermark.current_watermark()
     if current is None or current.micros < micros:
@@ -170,6 +221,11 @@ class ReadFromHub(beam.PTransform):
       hub: the hub (event hub) name, e.g. ``bookingtopic``.
       bounded: read what is there at job start and stop, instead of reading forever.
       start: where to start in each partition (default: the earliest retained event).
+      checkpoints: a checkpoint store location (``pipeline.io.checkpoints``): partitions with a
+        checkpoint resume after it, whatever ``start`` says.
+      with_positions: also return the ``PositionMark``s of what was read, to commit with
+        ``pipeline.io.progress.CommitPositions``: the result is then
+        ``{"events": ..., "positions": ...}``.
       batch_size: events fetched per read call.
       poll_interval: seconds to wait before polling a caught-up partition again (unbounded).
       idle_allowance: how far behind wall-clock time an idle partition holds its watermark.
@@ -182,6 +238,8 @@ class ReadFromHub(beam.PTransform):
         *,
         bounded: bool,
         start: StartPosition = EARLIEST_START,
+        checkpoints: str | None = None,
+        with_positions: bool = False,
         batch_size: int = 1000,
         poll_interval: float = 0.5,
         idle_allowance: float = 5.0,
@@ -193,6 +251,8 @@ class ReadFromHub(beam.PTransform):
         self._hub = hub
         self._bounded = bounded
         self._start = start
+        self._checkpoints = checkpoints
+        self._with_positions = with_positions
         read_fn = _ReadPartitionFn if bounded else _ReadPartitionUnboundedFn
         self._read_fn = read_fn(
             hub_url,
@@ -203,11 +263,16 @@ class ReadFromHub(beam.PTransform):
         )
 
     def expand(self, pbegin):
-        return (
+        list_partitions = _ListPartitions(
+            self._hub_url, self._bounded, self._start, self._checkpoints
+        )
+        read = (
             pbegin
             | "Hub" >> beam.Create([self._hub])
-            | "ListPartitions"
-            >> beam.ParDo(_ListPartitions(self._hub_url, self._bounded, self._start))
+            | "ListPartitions" >> beam.ParDo(list_partitions)
             | "SpreadPartitions" >> beam.Reshuffle()
-            | "ReadPartitions" >> beam.ParDo(self._read_fn)
+            | "ReadPartitions" >> beam.ParDo(self._read_fn).with_outputs(POSITIONS, main=EVENTS)
         )
+        if self._with_positions:
+            return {EVENTS: read[EVENTS], POSITIONS: read[POSITIONS]}
+        return read[EVENTS]

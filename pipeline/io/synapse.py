@@ -47,8 +47,10 @@ from apache_beam.metrics import Metrics
 from pipeline.cli import UsageError
 from pipeline.io.azure import connection_string_settings, default_credential
 from pipeline.schema import (
+    DEAD_LETTER_KEY,
     DEAD_LETTER_TABLE,
     FACT_COLUMNS,
+    FACT_KEY,
     FACT_SCHEMA,
     FACT_TABLE,
     Column,
@@ -89,7 +91,7 @@ FACTS = TableSpec(
     FACT_SCHEMA,
     FACT_TABLE,
     FACT_COLUMNS,
-    ("order_id", "seat_number", "payment_id", "booking_event_time", "payment_event_time"),
+    FACT_KEY,
 )
 DEAD_LETTERS = TableSpec(
     FACT_SCHEMA,
@@ -102,7 +104,7 @@ DEAD_LETTERS = TableSpec(
         Column("body", "VARBINARY(MAX)"),
         Column("reason", "NVARCHAR(4000)"),
     ),
-    ("hub", "partition", "sequence_number"),
+    DEAD_LETTER_KEY,
 )
 TARGETS = {"facts": FACTS, "dead_letters": DEAD_LETTERS}
 

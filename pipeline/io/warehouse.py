@@ -6,6 +6,12 @@ connection string), which ``pipeline.io.synapse`` writes through pyodbc. Tables 
 when missing; where the database has schemas the fact table lives in ``bookymyshow`` like the
 Synapse original. Rows are buffered per bundle and written with one parameterised executemany
 per batch, through one engine per DoFn instance.
+
+Idempotent mode (``idempotent=True``; ``bms run --checkpoints`` turns it on, as a resumed job
+rewrites the rows of its last join window): each batch first asks which of its natural keys
+(``schema.FACT_KEY``, ``schema.DEAD_LETTER_KEY``) the table already holds, by the key's first
+column, and inserts only the others; rows equal in the whole key collapse into one, as in the
+Synapse writer. It assumes one job writes a table at a time.
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ from apache_beam.metrics import Metrics
 
 from pipeline.io import synapse
 from pipeline.schema import (
+    DEAD_LETTER_KEY,
     DEAD_LETTER_TABLE,
     FACT_COLUMN_NAMES,
     FACT_COLUMNS,
+    FACT_KEY,
     FACT_SCHEMA,
     FACT_TABLE,
     DeadLetter,
@@ -143,14 +151,29 @@ def _dead_letter_record(letter: DeadLetter) -> dict:
     return letter._replace(enqueued_time=micros_to_datetime(letter.enqueued_time))._asdict()
 
 
+def new_records(
+    connection: sa.Connection, table: sa.Table, key: tuple[str, ...], records: list[dict]
+) -> list[dict]:
+    """The records whose natural key neither the table nor an earlier record holds."""
+    unique: dict[tuple, dict] = {}
+    for record in records:
+        unique.setdefault(tuple(record[name] for name in key), record)
+    columns = [table.columns[name] for name in key]
+    first_values = sorted({values[0] for values in unique}, key=repr)
+    query = sa.select(*columns).where(columns[0].in_(first_values))
+    present = {tuple(row) for row in connection.execute(query)}
+    return [record for values, record in unique.items() if values not in present]
+
+
 class _WriteBatchesFn(beam.DoFn):
     """Buffers rows within a bundle and inserts them batch by batch."""
 
-    def __init__(self, url: str, fact_table: str, target: str, batch_size: int):
+    def __init__(self, url: str, fact_table: str, target: str, batch_size: int, idempotent: bool):
         self._url = url
         self._fact_table = fact_table
         self._target = target
         self._batch_size = batch_size
+        self._key = (FACT_KEY if target == "facts" else DEAD_LETTER_KEY) if idempotent else None
 
     def setup(self):
         self._engine = create_engine(self._url)
@@ -178,9 +201,13 @@ class _WriteBatchesFn(beam.DoFn):
     def _flush(self):
         if not self._buffer:
             return
+        records = [self._to_record(r) for r in self._buffer]
         with self._engine.begin() as connection:
-            connection.execute(self._table.insert(), [self._to_record(r) for r in self._buffer])
-        self._written.inc(len(self._buffer))
+            if self._key is not None:
+                records = new_records(connection, self._table, self._key, records)
+            if records:
+                connection.execute(self._table.insert(), records)
+        self._written.inc(len(records))
         self._buffer = []
 
     def teardown(self):
@@ -195,6 +222,11 @@ class WriteToWarehouse(beam.PTransform):
       target: ``"facts"`` or ``"dead_letters"``.
       fact_table: the fact table's name (in schema ``bookymyshow`` where schemas exist).
       batch_size: rows per insert batch.
+      idempotent: skip rows whose natural key the table already holds (see the module doc);
+        for SQL Server / Synapse the URL's ``idempotent`` setting decides instead.
+
+    Returns a PCollection with no elements, whose watermark passes a time only once the rows up
+    to it are written (``pipeline.io.progress.CommitPositions`` waits on it).
     """
 
     def __init__(
@@ -204,6 +236,7 @@ class WriteToWarehouse(beam.PTransform):
         *,
         fact_table: str = FACT_TABLE,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        idempotent: bool = False,
     ):
         super().__init__()
         if target not in ("facts", "dead_letters"):
@@ -215,7 +248,7 @@ class WriteToWarehouse(beam.PTransform):
             return
         self._synapse = None
         sa.make_url(url)  # fail at construction on a malformed URL
-        self._fn = _WriteBatchesFn(url, fact_table, target, batch_size)
+        self._fn = _WriteBatchesFn(url, fact_table, target, batch_size, idempotent)
 
     def expand(self, rows):
         if self._synapse is not None:

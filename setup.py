@@ -27,6 +27,7 @@ setup(
         ],
         "synapse": ["pyodbc>=5.0", "azure-identity>=1.15"],
         "postgres": ["psycopg[binary]>=3.1"],
+        "dataflow": ["apache-beam[gcp]==2.77.0"],
         "dev": [
             "pytest>=8",
             "pytest-timeout>=2.3",

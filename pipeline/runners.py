@@ -1,4 +1,4 @@
-"""Where the streaming runners' local parts are: the Prism binary and the Flink jars.
+"""Where the streaming runners' local parts are: the Prism binary.
 
 ``scripts/setup-runners`` builds or fetches them into ``$BMS_CACHE`` (default ``~/.cache/bms``);
 environment variables override each location.

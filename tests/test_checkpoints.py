@@ -19,9 +19,10 @@ from pipeline.io.checkpoints import (
     BlobCheckpointStore,
     CheckpointScope,
     FileCheckpointStore,
+    open_checkpoint_store,
     resume_positions,
 )
-from pipeline.io.hub import OutgoingEvent
+from pipeline.io.hub import OutgoingEvent, checkpoint_scope
 from pipeline.io.localhub import LocalHub
 from pipeline.io.positions import StartPosition, first_sequence_number
 from pipeline.schema import datetime_to_micros
@@ -40,6 +41,32 @@ def test_file_store_commits_move_forward_only_and_resume_after_the_last(tmp_path
     assert reopened.last_processed("bookingtopic") == {"0": 10, "1": 3}
     assert resume_positions(reopened, "bookingtopic") == {"0": 11, "1": 4}
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp files left
+
+
+def test_checkpoint_locations_and_scopes_follow_the_hub_url(tmp_path, monkeypatch):
+    folder_store = open_checkpoint_store(str(tmp_path), SCOPE)
+    assert isinstance(folder_store, FileCheckpointStore)
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    with pytest.raises(ValueError, match="AZURE_STORAGE_CONNECTION_STRING"):
+        open_checkpoint_store("blob:bms-checkpoints", SCOPE)
+    pytest.importorskip("azure.eventhub.extensions.checkpointstoreblob")
+    url = "https://account.blob.core.windows.net/bms-checkpoints"
+    assert isinstance(open_checkpoint_store(url, SCOPE), BlobCheckpointStore)
+
+    # Two local hub files never share progress; the same file reached two ways does.
+    assert checkpoint_scope(str(tmp_path / "a.db")) != checkpoint_scope(str(tmp_path / "b.db"))
+    monkeypatch.chdir(tmp_path)
+    assert checkpoint_scope("local:a.db") == checkpoint_scope(str(tmp_path / "a.db"))
+    monkeypatch.delenv("EVENTHUB_CONNECTION_STRING", raising=False)
+    eventhubs = checkpoint_scope("eventhubs://ns.servicebus.windows.net?consumer_group=bms")
+    assert eventhubs == CheckpointScope("ns.servicebus.windows.net", "bms")
+    monkeypatch.setenv(
+        "EVENTHUB_CONNECTION_STRING",
+        "Endpoint=sb://other.servicebus.windows.net/;SharedAccessKeyName=k;SharedAccessKey=s",
+    )
+    assert checkpoint_scope("eventhubs://") == CheckpointScope(
+        "other.servicebus.windows.net", "$Default"
+    )
 
 
 def test_file_store_scopes_are_separate(tmp_path):

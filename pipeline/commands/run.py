@@ -11,7 +11,11 @@ from collections.abc import Mapping
 
 import apache_beam as beam
 import sqlalchemy as sa
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+)
 
 from pipeline import pipeline as bms_pipeline
 from pipeline import runners
@@ -87,9 +91,10 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
 def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
     """Builds and runs the job, waiting for it to finish.
 
-    An unbounded job drains on Ctrl-C (see ``pipeline.io.progress``): reading stops, open
-    windows fire, rows are written and positions committed, then the job ends; a second Ctrl-C
-    cancels it at once. A bounded job is cancelled by Ctrl-C.
+    An unbounded job whose workers run in this process (``--environment_type=LOOPBACK``, the
+    local default) drains on Ctrl-C (see ``pipeline.io.progress``): reading stops, open windows
+    fire, rows are written and positions committed, then the job ends; a second Ctrl-C cancels
+    it at once. Any other job is cancelled by Ctrl-C.
     """
     bms = options.view_as(BmsOptions)
     if not synapse.is_odbc_target(bms.warehouse):
@@ -105,7 +110,8 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     progress.reset_drain()
     result = pipeline.run()
     try:
-        with _drain_on_interrupt(enabled=not bms.bounded):
+        workers_here = options.view_as(PortableOptions).environment_type == "LOOPBACK"
+        with _drain_on_interrupt(enabled=workers_here and not bms.bounded):
             result.wait_until_finish()
     except KeyboardInterrupt:
         result.cancel()

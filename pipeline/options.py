@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline.event_time import (
+    DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
+    ENQUEUED,
+    PAYLOAD,
+    POLICIES,
+)
 from pipeline.io.hub import DEFAULT_HUB_URL
 from pipeline.io.positions import StartPosition
 from pipeline.io.warehouse import DEFAULT_BATCH_SIZE, DEFAULT_WAREHOUSE_URL
@@ -46,6 +52,20 @@ class BmsOptions(PipelineOptions):
             "from them, and rows are written idempotently (default: none, start from --start)",
         )
         parser.add_argument(
+            "--event_time",
+            choices=POLICIES,
+            default=ENQUEUED,
+            help="the time events are joined at: enqueued (the hub's, as the ASA job without "
+            "TIMESTAMP BY; default) or payload (booking_time / payment_time, as TIMESTAMP BY)",
+        )
+        parser.add_argument(
+            "--late_arrival_tolerance",
+            type=float,
+            default=DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
+            help="with --event_time payload: seconds a payload time may lie before its enqueued "
+            "time; earlier ones are adjusted to it, as ASA does (default: %(default)s)",
+        )
+        parser.add_argument(
             "--window_period",
             type=float,
             default=None,
@@ -65,6 +85,10 @@ class BmsOptions(PipelineOptions):
             default=1000,
             help="events per hub read call (default: %(default)s)",
         )
+
+    def watermark_delay(self) -> float:
+        """Seconds the source's watermark trails the enqueued times: events are never late."""
+        return self.late_arrival_tolerance if self.event_time == PAYLOAD else 0.0
 
     def join_period(self) -> float:
         """The window period to use: the one given, else the default for the run's mode."""

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 from collections.abc import Callable
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
 
 from pipeline import rules
+from pipeline.event_time import (
+    DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
+    ENQUEUED,
+    PAYLOAD,
+    POLICIES,
+    payload_event_time,
+)
 from pipeline.io.checkpoints import open_checkpoint_store
 from pipeline.io.hub import checkpoint_scope
 from pipeline.io.progress import CommitPositions
@@ -16,7 +26,7 @@ from pipeline.io.source import EVENTS, POSITIONS, ReadFromHub
 from pipeline.io.warehouse import WriteToWarehouse
 from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments, window_size_micros
 from pipeline.options import BmsOptions
-from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, DeadLetter, HubEvent
+from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, PAYMENT_HUB, DeadLetter, HubEvent
 
 DEAD_LETTERS = "dead_letters"
 
@@ -29,57 +39,115 @@ class _ParseFn(beam.DoFn):
     """Turns hub events into keyed rows ``(order_id, (micros, row))``; bad ones into dead letters.
 
     Rows whose order_id is NULL are dropped here: ASA never joins them (counted, not lost).
+    ``payload_time`` (the ``payload`` event-time policy) reads an event's time from its first
+    row and re-timestamps its rows with ``event_time.payload_event_time``.
     """
 
-    def __init__(self, name: str, parse: Callable[[bytes], list[tuple]]):
+    def __init__(
+        self,
+        name: str,
+        parse: Callable[[bytes], list[tuple]],
+        payload_time: Callable[[tuple], dt.datetime | None] | None = None,
+        tolerance_micros: int = 0,
+    ):
         self._name = name
         self._parse = parse
+        self._payload_time = payload_time
+        self._tolerance_micros = tolerance_micros
 
     def setup(self):
         self._events = Metrics.counter("bms", f"{self._name}_events")
         self._dead = Metrics.counter("bms", "dead_letters")
         self._no_order_id = Metrics.counter("bms", f"{self._name}_rows_without_order_id")
 
+    def _dead_letter(self, event: HubEvent, reason: str):
+        self._dead.inc()
+        return beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter.of(event, reason))
+
     def process(self, event: HubEvent, timestamp=beam.DoFn.TimestampParam):
         self._events.inc()
         try:
             rows = self._parse(event.body)
         except rules.MalformedEvent as error:
-            self._dead.inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter.of(event, str(error)))
+            yield self._dead_letter(event, str(error))
             return
         except Exception as error:  # a bug must not stop the job: keep the event and the reason
-            self._dead.inc()
-            reason = f"unexpected {type(error).__name__}: {error}"
-            yield beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter.of(event, reason))
+            yield self._dead_letter(event, f"unexpected {type(error).__name__}: {error}")
             return
-        micros = timestamp.micros
+        if self._payload_time is None or not rows:
+            micros, retimestamp = timestamp.micros, False
+        else:
+            micros = payload_event_time(
+                self._payload_time(rows[0]), timestamp.micros, self._tolerance_micros
+            )
+            if micros is None:
+                yield self._dead_letter(
+                    event, f"no readable {self._name}_time for --event_time {PAYLOAD}"
+                )
+                return
+            retimestamp = True
         for row in rows:
             if row[0] is None:
                 self._no_order_id.inc()
+            elif retimestamp:
+                yield TimestampedValue((row[0], (micros, row)), Timestamp(micros=micros))
             else:
                 # Grouping drops each element's own timestamp, so the join gets it in the value;
                 # read from the element (not the body), it follows whatever time the source set.
                 yield row[0], (micros, row)
 
 
+_BOOKING_TIME = FACT_COLUMN_NAMES.index("booking_time")
+_PAYMENT_TIME = 2  # in rules.payment_row's row: order_id, payment_id, payment_time, ...
+
+
+def _booking_time(row: tuple) -> dt.datetime | None:
+    return row[_BOOKING_TIME]
+
+
+def _payment_time(row: tuple) -> dt.datetime | None:
+    return row[_PAYMENT_TIME]
+
+
 class ComputeFacts(beam.PTransform):
     """The ASA query: ``(bookings, payments)`` of timestamped HubEvents -> facts and dead letters.
 
     Returns ``{"facts": PCollection of 20-tuples, "dead_letters": PCollection of DeadLetter}``.
+
+    Args:
+      window_period: seconds between the starts of the join's sliding windows.
+      event_time: ``"enqueued"`` (the events' own timestamps, the ASA job's choice) or
+        ``"payload"`` (booking_time / payment_time, see ``pipeline.event_time``; the source's
+        watermark must then trail the enqueued times by ``late_arrival_tolerance``).
+      late_arrival_tolerance: seconds, for ``event_time="payload"``.
     """
 
-    def __init__(self, window_period: float = DEFAULT_PERIOD_SECONDS):
+    def __init__(
+        self,
+        window_period: float = DEFAULT_PERIOD_SECONDS,
+        event_time: str = ENQUEUED,
+        late_arrival_tolerance: float = DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
+    ):
         super().__init__()
+        if event_time not in POLICIES:
+            raise ValueError(f"event_time must be one of {', '.join(POLICIES)}, got {event_time!r}")
         self._join = JoinBookingsToPayments(window_period)
+        payload = event_time == PAYLOAD
+        tolerance = round(late_arrival_tolerance * 1_000_000)
+        self._parse_bookings = _ParseFn(
+            "booking", rules.booking_rows, _booking_time if payload else None, tolerance
+        )
+        self._parse_payments = _ParseFn(
+            "payment", _payment_rows, _payment_time if payload else None, tolerance
+        )
 
     def expand(self, events):
         bookings, payments = events
         parsed_bookings = bookings | "ParseBookings" >> beam.ParDo(
-            _ParseFn("booking", rules.booking_rows)
+            self._parse_bookings
         ).with_outputs(DEAD_LETTERS, main="rows")
         parsed_payments = payments | "ParsePayments" >> beam.ParDo(
-            _ParseFn("payment", _payment_rows)
+            self._parse_payments
         ).with_outputs(DEAD_LETTERS, main="rows")
         facts = (parsed_bookings.rows, parsed_payments.rows) | "Join" >> self._join
         dead_letters = (
@@ -104,10 +172,13 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
             checkpoints=checkpoints,
             with_positions=True,
             batch_size=options.read_batch_size,
+            watermark_delay=options.watermark_delay(),
         )
         for hub in (BOOKING_HUB, PAYMENT_HUB)
     ]
-    result = tuple(read[EVENTS] for read in reads) | ComputeFacts(options.join_period())
+    result = tuple(read[EVENTS] for read in reads) | ComputeFacts(
+        options.join_period(), options.event_time, options.late_arrival_tolerance
+    )
     idempotent = checkpoints is not None
     written = [
         result[target]

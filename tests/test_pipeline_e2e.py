@@ -3,7 +3,9 @@ warehouse row compared with a brute-force join computed here from the same event
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -13,10 +15,11 @@ import sqlalchemy as sa
 
 from pipeline import rules
 from pipeline.cli import main
+from pipeline.event_time import payload_event_time
 from pipeline.io.localhub import LocalHub
 from pipeline.io.warehouse import read_dead_letters, read_facts
 from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB, micros_to_datetime
-from tests.conftest import produce_into
+from tests.conftest import booking_document, payment_document, produce_into
 
 SECOND = 1_000_000
 
@@ -33,19 +36,37 @@ def hub_events(path):
         }
 
 
-def brute_force(events):
-    """Every (seat, payment) pair with the same order id and 0 <= Δt <= 120 s, by nested loops."""
+def enqueued_time(event, payload_time):
+    return event.enqueued_time
+
+
+def brute_force(events, time_of=enqueued_time):
+    """Every (seat, payment) pair with the same order id and 0 <= Δt <= 120 s, by nested loops.
+
+    ``time_of(event, payload time)`` gives an event's time (None: a dead letter)."""
     seats, payments, malformed = [], [], set()
     for event in events[BOOKING_HUB]:
         try:
-            seats += [(row, event.enqueued_time) for row in rules.booking_rows(event.body)]
+            rows = rules.booking_rows(event.body)
         except rules.MalformedEvent:
             malformed.add((BOOKING_HUB, event.partition, event.sequence_number))
+            continue
+        micros = time_of(event, rows[0][1]) if rows else event.enqueued_time
+        if micros is None:
+            malformed.add((BOOKING_HUB, event.partition, event.sequence_number))
+            continue
+        seats += [(row, micros) for row in rows]
     for event in events[PAYMENT_HUB]:
         try:
-            payments.append((rules.payment_row(event.body), event.enqueued_time))
+            row = rules.payment_row(event.body)
         except rules.MalformedEvent:
             malformed.add((PAYMENT_HUB, event.partition, event.sequence_number))
+            continue
+        micros = time_of(event, row[2])
+        if micros is None:
+            malformed.add((PAYMENT_HUB, event.partition, event.sequence_number))
+            continue
+        payments.append((row, micros))
     rows = Counter(
         rules.fact_row(seat, seat_time, payment, payment_time)
         for seat, seat_time in seats
@@ -213,6 +234,52 @@ def test_replayed_edge_cases_join_by_enqueued_time(tmp_path):
     assert sorted(d.reason.split(":")[0] for d in read_dead_letters(warehouse)) == [
         "event_details.seats is not an array",
         "malformed JSON",
+    ]
+
+
+def test_payload_event_time_joins_at_the_adjusted_payload_times(tmp_path):
+    """``--event_time payload``: TIMESTAMP BY booking_time / payment_time with ASA's "adjust"
+    late-arrival policy, against the brute force over ``payload_event_time``."""
+    hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'warehouse.db'}"
+    rng = random.Random(3)
+    base = dt.datetime(2026, 2, 8, 10, 0, tzinfo=dt.UTC)
+
+    def at(seconds):
+        return (base + dt.timedelta(seconds=seconds)).isoformat().replace("+00:00", "Z")
+
+    lines = {BOOKING_HUB: [], PAYMENT_HUB: []}
+    for n in range(300):
+        order, booked = f"o{n}", n * 2.0
+        paid = booked + rng.uniform(0, 200)
+        # Payload times before the enqueued time (some beyond the tolerance), or after it.
+        booking_time = booked + rng.choice([0, -rng.uniform(0, 90), rng.uniform(0, 30)])
+        payment_time = paid - rng.uniform(0, 90)
+        booking = booking_document(order, booking_time=at(booking_time))
+        lines[BOOKING_HUB].append((booked, order, booking))
+        lines[PAYMENT_HUB].append(
+            (paid, order, payment_document(order, payment_time=at(payment_time)))
+        )
+    lines[BOOKING_HUB].append((700.0, "o1", booking_document("o1", booking_time="soon")))
+    lines[PAYMENT_HUB].append((700.0, "o1", payment_document("o1", payment_time=None)))
+    for name, entries in lines.items():
+        path = tmp_path / f"{name}.jsonl"
+        ordered = sorted(entries, key=lambda entry: entry[0])
+        path.write_text("".join(replay_line(at(t), k, b) + "\n" for t, k, b in ordered))
+        assert main(["replay", "--hub", name, "--hub-url", str(hub), str(path)]) == 0
+    run_bounded(hub, warehouse, "--event_time", "payload", "--late_arrival_tolerance", "60")
+
+    def payload_time(event, payload):
+        return payload_event_time(payload, event.enqueued_time, 60 * SECOND)
+
+    events = hub_events(hub)
+    expected, malformed = brute_force(events, payload_time)
+    assert Counter(read_facts(warehouse)) == expected
+    assert expected != brute_force(events)[0]  # the policy changes which pairs join
+    dead = read_dead_letters(warehouse)
+    assert {(d.hub, d.partition, d.sequence_number) for d in dead} == malformed
+    assert sorted(d.reason for d in dead) == [
+        "no readable booking_time for --event_time payload",
+        "no readable payment_time for --event_time payload",
     ]
 
 

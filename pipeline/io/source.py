@@ -6,8 +6,9 @@ numbers. In bounded mode the range ends at the last sequence number present when
 self-checkpoints (``defer_remainder``) whenever it has caught up, so runners that never ask for a
 split (Flink) still get regular checkpoints. Every event is emitted with its enqueued time as the
 Beam timestamp (ASA's System.Timestamp without TIMESTAMP BY) and a manual watermark estimator per
-partition follows the enqueued times read; an idle partition moves its watermark toward
-wall-clock time minus ``idle_allowance`` so windows still close while it receives nothing.
+partition follows the enqueued times read (minus ``watermark_delay`` when the pipeline re-times
+events from their payloads, see ``pipeline.event_time``); an idle partition moves its watermark
+toward wall-clock time minus ``idle_allowance`` so windows still close while it receives nothing.
 
 Why a Splittable DoFn rather than Python's ``UnboundedSource``: the SDF is the portable API that
 Prism, Flink and Dataflow all execute through the Fn API, it runs bounded on the in-process
@@ -109,12 +110,14 @@ class _ReadPartitionFn(beam.DoFn):
         batch_size: int,
         poll_interval: float,
         idle_allowance: float,
+        watermark_delay: float,
         max_batches_per_call: int,
     ):
         self._hub_url = hub_url
         self._batch_size = batch_size
         self._poll_interval = Duration.of(poll_interval)
         self._idle_allowance_micros = int(idle_allowance * 1_000_000)
+        self._watermark_delay_micros = int(watermark_delay * 1_000_000)
         self._max_batches_per_call = max_batches_per_call
         self._client = None
 
@@ -157,10 +160,10 @@ class _ReadPartitionFn(beam.DoFn):
                 last = event
             self._events_read.inc(len(events))
             position = events[-1].sequence_number + 1
-            _advance(watermark, events[-1].enqueued_time)
+            _advance(watermark, events[-1].enqueued_time - self._watermark_delay_micros)
             if position >= restriction.stop:
                 yield from _marks(element, last)
-                yield _mark(element, last, last.enqueued_time, final=True)
+                yield _mark(element, last, _watermark_micros(watermark), final=True)
                 return
         else:
             yield from _marks(element, last)
@@ -173,7 +176,8 @@ class _ReadPartitionFn(beam.DoFn):
                 f"number {position} although its range ends at {restriction.stop}: were they "
                 "deleted (retention) while the job ran?"
             )
-        _advance(watermark, time.time_ns() // 1_000 - self._idle_allowance_micros)
+        idle_since = time.time_ns() // 1_000 - self._idle_allowance_micros
+        _advance(watermark, idle_since - self._watermark_delay_micros)
         tracker.defer_remainder(self._poll_interval)
 
 
@@ -229,6 +233,8 @@ class ReadFromHub(beam.PTransform):
       batch_size: events fetched per read call.
       poll_interval: seconds to wait before polling a caught-up partition again (unbounded).
       idle_allowance: how far behind wall-clock time an idle partition holds its watermark.
+      watermark_delay: seconds the watermark trails the enqueued times read, for event times
+        that may lie before them (``pipeline.event_time``'s payload policy).
     """
 
     def __init__(
@@ -243,6 +249,7 @@ class ReadFromHub(beam.PTransform):
         batch_size: int = 1000,
         poll_interval: float = 0.5,
         idle_allowance: float = 5.0,
+        watermark_delay: float = 0.0,
     ):
         super().__init__(label=None)
         if batch_size < 1:
@@ -259,6 +266,7 @@ class ReadFromHub(beam.PTransform):
             batch_size,
             poll_interval,
             idle_allowance,
+            watermark_delay,
             max_batches_per_call=sys.maxsize if bounded else 10,
         )
 

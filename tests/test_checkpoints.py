@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pipeline.cli import main
 from pipeline.io.checkpoints import (
     BlobCheckpointStore,
     CheckpointScope,
@@ -26,6 +28,7 @@ from pipeline.io.hub import OutgoingEvent, checkpoint_scope
 from pipeline.io.localhub import LocalHub
 from pipeline.io.positions import StartPosition, first_sequence_number
 from pipeline.schema import datetime_to_micros
+from tests.conftest import produce_into
 
 SCOPE = CheckpointScope("local", "$Default")
 
@@ -158,7 +161,8 @@ def azurite(tmp_path_factory):
     key = base64.b64encode(os.urandom(64)).decode()
     process = subprocess.Popen(
         [executable, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--silent",
-         "--skipApiVersionCheck", "--location", str(tmp_path_factory.mktemp("azurite"))],
+         "--skipApiVersionCheck", "--disableTelemetry",
+         "--location", str(tmp_path_factory.mktemp("azurite"))],
         env={**os.environ, "AZURITE_ACCOUNTS": f"bmstest:{key}"},
     )  # fmt: skip
     try:
@@ -182,7 +186,7 @@ def test_blob_store_in_the_sdk_layout_on_azurite(azurite):
     )
 
     sdk_store = SdkBlobCheckpointStore.from_connection_string(azurite, "checkpoints")
-    sdk_store._container_client.create_container()  # docs/azure.md creates it with az
+    sdk_store._container_client.create_container()  # the README creates it with az
     scope = CheckpointScope("ns.servicebus.windows.net", "bms")
     store = BlobCheckpointStore(scope, "checkpoints", connection_string=azurite)
     assert store.last_processed("bookingtopic") == {}
@@ -204,3 +208,33 @@ def test_blob_store_in_the_sdk_layout_on_azurite(azurite):
     again.close()
     other_group.close()
     sdk_store.close()
+
+
+def test_the_pipeline_commits_to_blob_storage_and_resumes_from_it(
+    azurite, tmp_path, monkeypatch, capsys
+):
+    from azure.eventhub.extensions.checkpointstoreblob import (
+        BlobCheckpointStore as SdkBlobCheckpointStore,
+    )
+
+    with SdkBlobCheckpointStore.from_connection_string(azurite, "pipeline") as sdk_store:
+        sdk_store._container_client.create_container()  # the README creates it with az
+    monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite)
+    hub = tmp_path / "hub.db"
+    produce_into(hub, "--count", "600", "--seed", "4", "--simulate", "2026-02-08T10:00:00Z")
+    run = ["run", "--bounded", "--hub", str(hub), "--checkpoints", "blob:pipeline"]
+    run += ["--warehouse", f"sqlite:///{tmp_path / 'warehouse.db'}"]
+    assert main(run) == 0
+    store = BlobCheckpointStore(checkpoint_scope(str(hub)), "pipeline", connection_string=azurite)
+    committed = store.last_processed("bookingtopic")
+    assert committed and all(n >= 0 for n in committed.values())
+    capsys.readouterr()
+    assert main(run) == 0  # nothing new: it reads only the window behind the checkpoints
+    read_again = int(re.search(r"bookingtopic (\d+)", capsys.readouterr().out).group(1))
+    with LocalHub(hub) as client:
+        total = sum(
+            client.partition_properties("bookingtopic", p).last_sequence_number + 1
+            for p in client.partition_ids("bookingtopic")
+        )
+    assert read_again == total - sum(n + 1 for n in committed.values()) < total
+    store.close()

@@ -1,6 +1,6 @@
 """Azure Event Hubs as a ``HubClient``: the same source that reads the local hub reads Event Hubs.
 
-Setup (see docs/azure.md): a namespace holding the event hubs ``bookingtopic`` and
+Setup (see the README's Azure section): a namespace holding the event hubs ``bookingtopic`` and
 ``paymentstopic``, and a consumer group for the pipeline. The hub URL names the namespace:
 
   - ``eventhubs://NAMESPACE.servicebus.windows.net`` authenticates with azure-identity's

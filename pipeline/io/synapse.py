@@ -1,7 +1,8 @@
 """Writing fact rows and dead letters to Azure Synapse (dedicated SQL pool) or SQL Server, pyodbc.
 
-Setup (see docs/azure.md): Microsoft ODBC Driver 18 for SQL Server and unixODBC on the workers,
-the tables from ``sql/synapse_create_table.sql``, and an identity allowed to SELECT and INSERT.
+Setup (see the README's Azure section): Microsoft ODBC Driver 18 for SQL Server and unixODBC on
+the workers, the tables from ``sql/synapse_create_table.sql``, and an identity allowed to SELECT
+and INSERT.
 
 The target is either
   - ``mssql+pyodbc://SERVER/DATABASE`` (e.g. ``WORKSPACE.sql.azuresynapse.net/POOL``), optionally

@@ -227,6 +227,8 @@ EXAMPLES = {
     "window_period": ("30", 30.0),
     "write_batch_size": ("500", 500),
     "checkpoints": (CHECKPOINTS, CHECKPOINTS),
+    "event_time": ("payload", "payload"),
+    "late_arrival_tolerance": ("60", 60.0),
 }
 
 

@@ -331,7 +331,7 @@ def test_namespace_without_connection_string_uses_default_azure_credential(monke
 
 def test_missing_sdk_names_the_extra_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "azure.eventhub", None)
-    with pytest.raises(UsageError, match=r"pip install 'bms-streaming\[azure\]'"):
+    with pytest.raises(UsageError, match=r"pip install -e '\.\[azure\]' in the bms checkout"):
         EventHubsClient.from_url("eventhubs://ns.servicebus.windows.net")
 
 

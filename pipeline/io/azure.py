@@ -20,7 +20,7 @@ def import_extra(module: str, extra: str) -> ModuleType:
     except ImportError as error:
         raise UsageError(
             f"{module} is not installed ({error}); install it with: "
-            f"pip install 'bms-streaming[{extra}]'"
+            f"pip install -e '.[{extra}]' in the bms checkout"
         ) from None
 
 

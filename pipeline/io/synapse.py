@@ -71,7 +71,7 @@ INSTALL_HINT = (
     "install unixODBC (apt-get install unixodbc) and Microsoft ODBC Driver 18 for SQL Server "
     "(msodbcsql18, see https://learn.microsoft.com/sql/connect/odbc/linux-mac/"
     "installing-the-microsoft-odbc-driver-for-sql-server), "
-    "then pip install 'bms-streaming[synapse]'"
+    "then pip install -e '.[synapse]' in the bms checkout"
 )
 
 

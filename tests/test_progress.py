@@ -47,7 +47,8 @@ marks_strategy = st.lists(
 @given(marks_strategy, st.integers(0, 1_200), st.integers(0, 300))
 def test_commits_stay_a_span_behind_the_watermark_and_every_final_mark(marks, watermark, span):
     commits, kept = committable(marks, watermark, span)
-    limit = min([watermark, *(m.event_time for m in marks if m.final)]) - span
+    frontier = max((m.event_time for m in marks), default=watermark)
+    limit = min([watermark, frontier, *(m.event_time for m in marks if m.final)]) - span
     for mark in marks:
         key = (mark.hub, mark.partition)
         if mark.final or mark.event_time > limit:
@@ -65,6 +66,14 @@ def test_commits_stay_a_span_behind_the_watermark_and_every_final_mark(marks, wa
             for m in marks
         )
     assert {m for m in marks if m.final} <= set(kept)
+
+
+def test_a_watermark_at_the_end_of_time_commits_only_a_span_behind_the_latest_mark():
+    # Dataflow's drain stops partitions without final marks and jumps the watermark to the end.
+    marks = [PositionMark("bookingtopic", "0", n, n * 10, False) for n in range(30)]
+    commits, kept = committable(marks, watermark=10**18, span=150)
+    assert commits == {("bookingtopic", "0"): 14}  # 140 s + 150 s <= 290 s, the latest mark
+    assert [m.sequence_number for m in kept] == list(range(15, 30))
 
 
 def _mark(partition, sequence_number, seconds, final=False, hub="bookingtopic"):
@@ -89,6 +98,9 @@ def test_positions_are_committed_once_the_watermark_passes_them_by_the_span(tmp_
         .advance_watermark_to(T0 / SECOND)
         .add_elements([_mark("0", 10, 1), _mark("1", 5, 10, hub="paymentstopic")])
         .add_elements([_mark("0", 20, 40), _mark("0", 30, 60)])
+        .advance_watermark_to((T0 + 60 * SECOND) / SECOND)
+        # The payment partition is caught up and idle: its time moves on, its position not.
+        .add_elements([_mark("1", 5, 170, hub="paymentstopic")])
         .advance_watermark_to((T0 + 100 * SECOND) / SECOND)  # 1 s + 150 s not reached: nothing
         .advance_watermark_to((T0 + 185 * SECOND) / SECOND)  # the timer at 180 s fires
         # The payment partition stops at 200 s (a drain): nothing after 200 s - 150 s commits.

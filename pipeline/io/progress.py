@@ -1,7 +1,8 @@
 """Committing read positions only once the rows they lead to are written, and draining.
 
-The source (``pipeline.io.source``) emits a ``PositionMark`` for the last event of each read call
-and a final mark when a partition stops reading (the end of a bounded range, or a drain).
+The source (``pipeline.io.source``) emits a ``PositionMark`` for the last event of each read call,
+one whenever a caught-up partition's watermark enters a new 10 s, and a final mark when a
+partition stops reading (the end of a bounded range, or a drain).
 ``CommitPositions`` commits a mark to the checkpoint store only when nothing that could still
 change the output depends on the events up to it:
 
@@ -12,13 +13,14 @@ change the output depends on the events up to it:
     fires (``span`` = the join window's size);
   - every event that could still join them has been read: when partitions stop (a drain, or a
     bounded run), the watermark jumps to the end of time although later events may follow in
-    the hub, so commits also stay ``span`` behind the earliest point where a partition stopped.
+    the hub, so commits also stay ``span`` behind the earliest point where a partition stopped,
+    and behind the latest event read at all (a drain by Dataflow, which stops partitions through
+    ``truncate`` without final marks, is then safe too).
 
-Marks come one per read call and one per 10 s of event time per partition, and commits at most
-once per 30 s of event time, so the state stays small over hours. A restarted job reads on
-from the commits; the rows it writes again for the last ``span`` of
-events are dropped by the warehouse's idempotent mode. Marks are few (one per read call), so one key
-holds them all.
+Marks come one per read call and one per 10 s of event time per partition; commits come at
+most once per 30 s of event time. So the state stays small over hours, and one key holds it all. A
+restarted job reads on from the commits; the rows it writes again for the last ``span`` of
+events are dropped by the warehouse's idempotent mode.
 
 Drain (``request_drain``): partitions read in this process stop at their current position, emit
 their final mark and end; windows then fire, rows are written, positions committed and the job
@@ -85,11 +87,14 @@ def committable(
     """What may be committed when the watermark (µs) has reached ``watermark``.
 
     Returns ``({(hub, partition): last sequence number to commit}, marks to keep)``. A mark is
-    committable when ``event_time + span`` is at most both the watermark and every final mark's
-    time; final marks are always kept, as they hold back later commits too.
+    committable when ``event_time + span`` is at most the watermark, every final mark's time and
+    the latest mark's time; final marks are always kept, as they hold back later commits too.
     """
     marks = list(marks)
-    limit = min([watermark, *(mark.event_time for mark in marks if mark.final)]) - span
+    if not marks:
+        return {}, []
+    frontier = max(mark.event_time for mark in marks)
+    limit = min([watermark, frontier, *(mark.event_time for mark in marks if mark.final)]) - span
     commits: dict[tuple[str, str], int] = {}
     kept = []
     for mark in marks:

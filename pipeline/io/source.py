@@ -141,7 +141,7 @@ class _ReadPartitionFn(beam.DoFn):
         next_mark_at = MIN_TIMESTAMP.micros  # marks at least every MARK_INTERVAL of event time
         if restriction.stop == _OPEN_END and drain_requested():
             tracker.try_claim(_OPEN_END)  # ends the open range: nothing more will be claimed
-            yield _mark(element, None, _watermark_micros(watermark), final=True)
+            yield _mark(element, position - 1, _watermark_micros(watermark), final=True)
             return
         for _ in range(self._max_batches_per_call):
             limit = min(self._batch_size, restriction.stop - position)
@@ -163,7 +163,7 @@ class _ReadPartitionFn(beam.DoFn):
             _advance(watermark, events[-1].enqueued_time - self._watermark_delay_micros)
             if position >= restriction.stop:
                 yield from _marks(element, last)
-                yield _mark(element, last, _watermark_micros(watermark), final=True)
+                yield _mark(element, position - 1, _watermark_micros(watermark), final=True)
                 return
         else:
             yield from _marks(element, last)
@@ -177,7 +177,13 @@ class _ReadPartitionFn(beam.DoFn):
                 "deleted (retention) while the job ran?"
             )
         idle_since = time.time_ns() // 1_000 - self._idle_allowance_micros
-        _advance(watermark, idle_since - self._watermark_delay_micros)
+        previous = _watermark_micros(watermark)
+        if _advance(watermark, idle_since - self._watermark_delay_micros):
+            current = _watermark_micros(watermark)
+            if current // MARK_INTERVAL_MICROS != previous // MARK_INTERVAL_MICROS:
+                # Caught up: everything before `position` is read, and the partition's time
+                # moves on; commits must know it, or they would stop at its last event.
+                yield _mark(element, position - 1, current)
         tracker.defer_remainder(self._poll_interval)
 
 
@@ -192,8 +198,7 @@ class _ReadPartitionUnboundedFn(_ReadPartitionFn):
         yield from super().process(element, tracker, watermark)
 
 
-def _mark(element: PartitionRange, last: HubEvent | None, micros: int, final: bool = False):
-    sequence_number = -1 if last is None else last.sequence_number
+def _mark(element: PartitionRange, sequence_number: int, micros: int, final: bool = False):
     mark = PositionMark(element.hub, element.partition, sequence_number, micros, final)
     return beam.pvalue.TaggedOutput(
         POSITIONS, beam.window.TimestampedValue(mark, Timestamp(micros=micros))
@@ -203,7 +208,7 @@ def _mark(element: PartitionRange, last: HubEvent | None, micros: int, final: bo
 def _marks(element: PartitionRange, last: HubEvent | None):
     """The mark of the last event read by this call, if it read any."""
     if last is not None:
-        yield _mark(element, last, last.enqueued_time)
+        yield _mark(element, last.sequence_number, last.enqueued_time)
 
 
 def _watermark_micros(watermark: ManualWatermarkEstimator) -> int:
@@ -211,10 +216,13 @@ def _watermark_micros(watermark: ManualWatermarkEstimator) -> int:
     return MIN_TIMESTAMP.micros if current is None else current.micros
 
 
-def _advance(watermark: ManualWatermarkEstimator, micros: int) -> None:
+def _advance(watermark: ManualWatermarkEstimator, micros: int) -> bool:
+    """Moves the watermark forward to micros, never back; True if it moved."""
     current = watermark.current_watermark()
     if current is None or current.micros < micros:
         watermark.set_watermark(Timestamp(micros=micros))
+        return True
+    return False
 
 
 class ReadFromHub(beam.PTransform):

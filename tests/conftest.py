@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import orjson
+import pytest
 from hypothesis import settings
 
 from pipeline.schema import HubEvent
@@ -12,6 +13,22 @@ from pipeline.schema import HubEvent
 settings.register_profile("ci", max_examples=100, deadline=None)
 settings.register_profile("dev", max_examples=30, deadline=None)
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+_MEASUREMENTS: list[str] = []
+
+
+@pytest.fixture
+def report():
+    """Adds a line to the end of the test run's summary: measurements stay visible in CI logs,
+    where pytest captures what tests print."""
+    return _MEASUREMENTS.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _MEASUREMENTS:
+        terminalreporter.section("measurements")
+        for line in _MEASUREMENTS:
+            terminalreporter.write_line(line)
 
 
 def booking_document(order_id, seats=({"seat_number": "A1", "price": 75},), **fields) -> dict:

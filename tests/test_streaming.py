@@ -68,7 +68,7 @@ def stop(job, log_path, timeout=90) -> str:
     return log_path.read_text()
 
 
-def test_rows_arrive_while_producing_survive_a_drain_and_equal_the_asa_query(tmp_path):
+def test_rows_arrive_while_producing_survive_a_drain_and_equal_the_asa_query(tmp_path, report):
     try:
         runners.prism_binary()
     except runners.RunnerNotInstalled as error:
@@ -146,10 +146,9 @@ def test_rows_arrive_while_producing_survive_a_drain_and_equal_the_asa_query(tmp
     )
     if latencies:
         p50, p99 = latencies[len(latencies) // 2], latencies[int(len(latencies) * 0.99)]
-        print(
-            f"\nPrism: {sum(expected.values())} rows; {rows_while_producing} while producing; "
+        report(
+            f"Prism: {sum(expected.values())} rows; {rows_while_producing} while producing; "
             f"second job re-read {sum(read_again.values())} of {RATE * SECONDS} events; "
             f"latency from the later event to the row (p50, p99): {p50:.1f} s, {p99:.1f} s "
-            "(the warehouse polled every second)",
-            file=sys.__stdout__,
+            "(the warehouse polled every second)"
         )

@@ -306,6 +306,11 @@ def test_bad_run_arguments_give_one_line(tmp_path, capsys):
     )
     error = capsys.readouterr().err
     assert "is not a database URL" in error and error.count("\n") == 1
+    not_idempotent = "mssql+pyodbc://ws.sql.azuresynapse.net/pool?idempotent=false"
+    run = ["run", "--bounded", "--hub", str(tmp_path / "h.db"), "--warehouse", not_idempotent]
+    assert main([*run, "--checkpoints", str(tmp_path / "checkpoints")]) == 2
+    error = capsys.readouterr().err
+    assert "needs idempotent writes" in error and error.count("\n") == 1
 
 
 def test_start_positions_choose_where_each_partition_is_read_from(tmp_path):

@@ -48,6 +48,8 @@ class CheckpointStore(Protocol):
         """Records that every event of the partition up to sequence_number is processed."""
         ...
 
+    def close(self) -> None: ...
+
 
 def resume_positions(store: CheckpointStore, hub: str) -> dict[str, int]:
     """Partition -> the sequence number to read next, from the checkpoints."""
@@ -103,6 +105,9 @@ class FileCheckpointStore:
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+    def close(self) -> None:
+        """Nothing to release: each call opens and closes its own files."""
 
 
 class BlobCheckpointStore:

@@ -171,9 +171,7 @@ class _CommitPositionsFn(beam.DoFn):
             timer_at.write(due)
 
     def teardown(self):
-        close = getattr(self._store, "close", None)
-        if close is not None:
-            close()
+        self._store.close()
 
 
 class CommitPositions(beam.PTransform):

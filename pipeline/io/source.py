@@ -67,7 +67,10 @@ class _ListPartitions(beam.DoFn):
         resume = {}
         if self._checkpoints is not None:
             store = open_checkpoint_store(self._checkpoints, checkpoint_scope(self._hub_url))
-            resume = resume_positions(store, hub)
+            try:
+                resume = resume_positions(store, hub)
+            finally:
+                store.close()
         client = open_hub(self._hub_url)
         try:
             for partition in client.partition_ids(hub):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 from collections.abc import Callable
+from operator import itemgetter
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -26,7 +27,7 @@ from pipeline.io.source import EVENTS, POSITIONS, ReadFromHub
 from pipeline.io.warehouse import WriteToWarehouse
 from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments, window_size_micros
 from pipeline.options import BmsOptions
-from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, PAYMENT_HUB, DeadLetter, HubEvent
+from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, DeadLetter, HubEvent
 
 DEAD_LETTERS = "dead_letters"
 
@@ -97,18 +98,6 @@ class _ParseFn(beam.DoFn):
                 yield row[0], (micros, row)
 
 
-_BOOKING_TIME = FACT_COLUMN_NAMES.index("booking_time")
-_PAYMENT_TIME = 2  # in rules.payment_row's row: order_id, payment_id, payment_time, ...
-
-
-def _booking_time(row: tuple) -> dt.datetime | None:
-    return row[_BOOKING_TIME]
-
-
-def _payment_time(row: tuple) -> dt.datetime | None:
-    return row[_PAYMENT_TIME]
-
-
 class ComputeFacts(beam.PTransform):
     """The ASA query: ``(bookings, payments)`` of timestamped HubEvents -> facts and dead letters.
 
@@ -135,10 +124,16 @@ class ComputeFacts(beam.PTransform):
         payload = event_time == PAYLOAD
         tolerance = round(late_arrival_tolerance * 1_000_000)
         self._parse_bookings = _ParseFn(
-            "booking", rules.booking_rows, _booking_time if payload else None, tolerance
+            "booking",
+            rules.booking_rows,
+            itemgetter(rules.BOOKING_TIME_INDEX) if payload else None,
+            tolerance,
         )
         self._parse_payments = _ParseFn(
-            "payment", _payment_rows, _payment_time if payload else None, tolerance
+            "payment",
+            _payment_rows,
+            itemgetter(rules.PAYMENT_TIME_INDEX) if payload else None,
+            tolerance,
         )
 
     def expand(self, events):

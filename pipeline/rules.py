@@ -44,6 +44,9 @@ DEFAULT_PAYMENT_TYPE = "Cash"
 
 BookingRow = tuple
 PaymentRow = tuple
+#: Where the payload times sit in those rows (see booking_rows and payment_row).
+BOOKING_TIME_INDEX = 1
+PAYMENT_TIME_INDEX = 2
 
 
 class MalformedEvent(ValueError):

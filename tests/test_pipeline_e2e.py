@@ -51,7 +51,7 @@ def brute_force(events, time_of=enqueued_time):
         except rules.MalformedEvent:
             malformed.add((BOOKING_HUB, event.partition, event.sequence_number))
             continue
-        micros = time_of(event, rows[0][1]) if rows else event.enqueued_time
+        micros = time_of(event, rows[0][rules.BOOKING_TIME_INDEX]) if rows else event.enqueued_time
         if micros is None:
             malformed.add((BOOKING_HUB, event.partition, event.sequence_number))
             continue
@@ -62,7 +62,7 @@ def brute_force(events, time_of=enqueued_time):
         except rules.MalformedEvent:
             malformed.add((PAYMENT_HUB, event.partition, event.sequence_number))
             continue
-        micros = time_of(event, row[2])
+        micros = time_of(event, row[rules.PAYMENT_TIME_INDEX])
         if micros is None:
             malformed.add((PAYMENT_HUB, event.partition, event.sequence_number))
             continue

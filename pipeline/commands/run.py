@@ -97,7 +97,13 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     it at once. Any other job is cancelled by Ctrl-C.
     """
     bms = options.view_as(BmsOptions)
-    if not synapse.is_odbc_target(bms.warehouse):
+    if synapse.is_odbc_target(bms.warehouse):
+        if bms.checkpoints is not None and not synapse.parse_target(bms.warehouse).idempotent:
+            raise UsageError(
+                "--checkpoints resumes by reading the last join window again, which needs "
+                "idempotent writes: remove idempotent=false from --warehouse"
+            )
+    else:
         try:
             sa.make_url(bms.warehouse)
         except sa.exc.ArgumentError:
@@ -105,15 +111,6 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
                 f"--warehouse {bms.warehouse!r} is not a database URL; "
                 "try sqlite:///path/to/warehouse.db"
             ) from None
-    if (
-        bms.checkpoints is not None
-        and synapse.is_odbc_target(bms.warehouse)
-        and not synapse.parse_target(bms.warehouse).idempotent
-    ):
-        raise UsageError(
-            "--checkpoints resumes by reading the last join window again, which needs "
-            "idempotent writes: remove idempotent=false from --warehouse"
-        )
     pipeline = beam.Pipeline(options=options)
     bms_pipeline.build(pipeline, bms)
     progress.reset_drain()

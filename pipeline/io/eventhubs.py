@@ -93,10 +93,7 @@ class EventHubsAddress(NamedTuple):
 
     def checkpoint_namespace(self) -> str:
         """The fully qualified namespace, from the URL or the connection string's Endpoint."""
-        if self.namespace:
-            return self.namespace
-        settings = connection_string_settings(os.environ.get(CONNECTION_STRING_ENV, ""))
-        return urlsplit(settings.get("endpoint", "")).hostname or ""
+        return self.namespace or _endpoint_host(os.environ.get(CONNECTION_STRING_ENV, "")) or ""
 
     def client_arguments(self, hub: str) -> dict[str, Any]:
         """Keyword arguments that make an SDK client for one event hub of this namespace."""
@@ -109,7 +106,7 @@ class EventHubsAddress(NamedTuple):
                     f"{settings['entitypath']!r}; the pipeline uses two hubs, so give it a "
                     "namespace-level connection string (without EntityPath)"
                 )
-            endpoint_host = urlsplit(settings.get("endpoint", "")).hostname
+            endpoint_host = _endpoint_host(connection_string)
             if self.namespace and endpoint_host and endpoint_host != self.namespace:
                 raise UsageError(
                     f"{CONNECTION_STRING_ENV} is for {endpoint_host}, not {self.namespace}"
@@ -120,6 +117,12 @@ class EventHubsAddress(NamedTuple):
             "eventhub_name": hub,
             "credential": default_credential(),
         }
+
+
+def _endpoint_host(connection_string: str) -> str | None:
+    """The namespace host a connection string's Endpoint names."""
+    endpoint = connection_string_settings(connection_string).get("endpoint", "")
+    return urlsplit(endpoint).hostname
 
 
 def _sdk():

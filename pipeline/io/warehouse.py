@@ -159,7 +159,7 @@ def new_records(
     for record in records:
         unique.setdefault(tuple(record[name] for name in key), record)
     columns = [table.columns[name] for name in key]
-    first_values = sorted({values[0] for values in unique}, key=repr)
+    first_values = list({values[0] for values in unique})
     query = sa.select(*columns).where(columns[0].in_(first_values))
     present = {tuple(row) for row in connection.execute(query)}
     return [record for values, record in unique.items() if values not in present]

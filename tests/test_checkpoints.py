@@ -180,13 +180,18 @@ def azurite(tmp_path_factory):
         process.wait(timeout=10)
 
 
-def test_blob_store_in_the_sdk_layout_on_azurite(azurite):
-    from azure.eventhub.extensions.checkpointstoreblob import (
-        BlobCheckpointStore as SdkBlobCheckpointStore,
-    )
+def sdk_store_in_new_container(connection_string: str, container: str):
+    """The Event Hubs SDK's own blob checkpoint store, in a container made for it (the README
+    creates it with az)."""
+    from azure.eventhub.extensions.checkpointstoreblob import BlobCheckpointStore as SdkStore
 
-    sdk_store = SdkBlobCheckpointStore.from_connection_string(azurite, "checkpoints")
-    sdk_store._container_client.create_container()  # the README creates it with az
+    sdk_store = SdkStore.from_connection_string(connection_string, container)
+    sdk_store._container_client.create_container()
+    return sdk_store
+
+
+def test_blob_store_in_the_sdk_layout_on_azurite(azurite):
+    sdk_store = sdk_store_in_new_container(azurite, "checkpoints")
     scope = CheckpointScope("ns.servicebus.windows.net", "bms")
     store = BlobCheckpointStore(scope, "checkpoints", connection_string=azurite)
     assert store.last_processed("bookingtopic") == {}
@@ -213,12 +218,7 @@ def test_blob_store_in_the_sdk_layout_on_azurite(azurite):
 def test_the_pipeline_commits_to_blob_storage_and_resumes_from_it(
     azurite, tmp_path, monkeypatch, capsys
 ):
-    from azure.eventhub.extensions.checkpointstoreblob import (
-        BlobCheckpointStore as SdkBlobCheckpointStore,
-    )
-
-    with SdkBlobCheckpointStore.from_connection_string(azurite, "pipeline") as sdk_store:
-        sdk_store._container_client.create_container()  # the README creates it with az
+    sdk_store_in_new_container(azurite, "pipeline").close()
     monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite)
     hub = tmp_path / "hub.db"
     produce_into(hub, "--count", "600", "--seed", "4", "--simulate", "2026-02-08T10:00:00Z")

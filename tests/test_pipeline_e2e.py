@@ -300,7 +300,7 @@ def test_a_second_run_appends_and_the_tables_keep_their_types(tmp_path):
     assert list(columns)[0] == "order_id" and list(columns)[-1] == "payment_event_time"
 
 
-def test_bad_run_arguments_give_one_line(tmp_path, capsys):
+def test_bad_run_arguments_give_one_line(tmp_path, capsys, monkeypatch):
     assert (
         main(["run", "--bounded", "--warehouse", "not a url", "--hub", str(tmp_path / "h.db")]) == 2
     )
@@ -311,6 +311,12 @@ def test_bad_run_arguments_give_one_line(tmp_path, capsys):
     assert main([*run, "--checkpoints", str(tmp_path / "checkpoints")]) == 2
     error = capsys.readouterr().err
     assert "needs idempotent writes" in error and error.count("\n") == 1
+    monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
+    warehouse = f"sqlite:///{tmp_path / 'w.db'}"
+    run = ["run", "--bounded", "--hub", str(tmp_path / "h.db"), "--warehouse", warehouse]
+    assert main([*run, "--checkpoints", "blob:container"]) == 2
+    error = capsys.readouterr().err
+    assert "need AZURE_STORAGE_CONNECTION_STRING" in error and error.count("\n") == 1
 
 
 def test_start_positions_choose_where_each_partition_is_read_from(tmp_path):

@@ -21,6 +21,8 @@ from pipeline import pipeline as bms_pipeline
 from pipeline import runners
 from pipeline.cli import UsageError
 from pipeline.io import progress, synapse
+from pipeline.io.checkpoints import open_checkpoint_store
+from pipeline.io.hub import checkpoint_scope
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
@@ -111,6 +113,11 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
                 f"--warehouse {bms.warehouse!r} is not a database URL; "
                 "try sqlite:///path/to/warehouse.db"
             ) from None
+    if bms.checkpoints is not None:
+        try:  # a store that cannot be configured fails here, in one line, not on a worker
+            open_checkpoint_store(bms.checkpoints, checkpoint_scope(bms.hub)).close()
+        except ValueError as error:
+            raise UsageError(str(error)) from None
     pipeline = beam.Pipeline(options=options)
     bms_pipeline.build(pipeline, bms)
     progress.reset_drain()

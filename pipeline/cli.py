@@ -14,6 +14,8 @@ import importlib
 import logging
 import sys
 
+from pipeline.errors import EXIT_RUNTIME_FAILURE, EXIT_USAGE, RuntimeFailure, UsageError
+
 COMMAND_MODULES = (
     "pipeline.commands.demo",
     "producers.cli",
@@ -21,10 +23,6 @@ COMMAND_MODULES = (
     "pipeline.commands.run",
     "pipeline.commands.parity",
 )
-
-
-class UsageError(Exception):
-    """A user mistake (bad argument, missing credential or driver): printed as one line."""
 
 
 class _HideGcpNotice(logging.Filter):
@@ -59,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UsageError as error:
         print(f"bms {args.command}: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except RuntimeFailure as error:
+        print(f"bms {args.command}: {error}", file=sys.stderr)
+        return EXIT_RUNTIME_FAILURE
     except KeyboardInterrupt:
         return 130
 

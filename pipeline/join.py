@@ -22,7 +22,7 @@ from apache_beam.transforms.window import GlobalWindows, SlidingWindows, Timesta
 from apache_beam.utils.timestamp import Duration, Timestamp
 
 from pipeline import rules
-from pipeline.schema import FACT_COLUMN_NAMES
+from pipeline.schema import FACT_COLUMN_NAMES, fact_row_key
 
 DEFAULT_PERIOD_SECONDS = 30.0
 #: The default for bounded runs: nothing waits for a window to close there, so longer periods
@@ -75,14 +75,15 @@ class _EmitCanonicalPairs(beam.DoFn):
             return
         payments = sorted(payments, key=_MICROS)
         payment_micros = [payment[0] for payment in payments]
-        for booking_micros, booking in bookings:
+        for booking_micros, booking, seat_key in bookings:
             # Candidates by bisection; rules.joins stays the one definition of the bound.
             first = bisect_left(payment_micros, booking_micros)
             last = bisect_right(payment_micros, booking_micros + rules.JOIN_WINDOW_MICROS)
-            for micros, payment in payments[first:last]:
+            for micros, payment, payment_key in payments[first:last]:
                 if rules.joins(booking_micros, micros):
                     self._count(booking[CATEGORY_INDEX])
-                    yield micros, rules.fact_row(booking, booking_micros, payment, micros)
+                    row = rules.fact_row(booking, booking_micros, payment, micros)
+                    yield micros, (*row, fact_row_key(seat_key, payment_key))
 
     def _count(self, category: str) -> None:
         counter = self._rows_per_category.get(category)
@@ -100,10 +101,13 @@ def _at_payment_time(payment_micros: int, row: tuple) -> TimestampedValue:
 class JoinBookingsToPayments(beam.PTransform):
     """Joins keyed booking rows and payment rows into fact rows (20-tuples).
 
-    Input: a tuple ``(bookings, payments)`` of PCollections of ``(order_id, (micros, row))`` with
-    micros the event's enqueued time, rows as produced by ``rules.booking_rows`` and
-    ``rules.payment_row`` and order_id not None. Output: fact rows in the global window, each
-    timestamped with its payment's time (ASA emits a match at the later of the two events).
+    Input: a tuple ``(bookings, payments)`` of PCollections of ``(order_id, (micros, row, key))``
+    with micros the event's enqueued time, rows as produced by ``rules.booking_rows`` and
+    ``rules.payment_row``, order_id not None, and key where the row came from
+    (``PARTITION:SEQUENCE:SEAT`` for a booking's seat row, ``PARTITION:SEQUENCE`` for a payment).
+    Output: fact rows (the 20 columns and the row key ``schema.fact_row_key``) in the global
+    window, each timestamped with its payment's time (ASA emits a match at the later of the two
+    events).
 
     Args:
       period_seconds: how often a sliding window starts; smaller means earlier output in

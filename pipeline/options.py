@@ -12,7 +12,11 @@ from pipeline.event_time import (
 )
 from pipeline.io.hub import DEFAULT_HUB_URL
 from pipeline.io.positions import StartPosition
-from pipeline.io.warehouse import DEFAULT_BATCH_SIZE, DEFAULT_WAREHOUSE_URL
+from pipeline.io.warehouses import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_RETRY_DEADLINE_SECONDS,
+    DEFAULT_WAREHOUSE_URL,
+)
 from pipeline.join import BOUNDED_PERIOD_SECONDS, DEFAULT_PERIOD_SECONDS
 
 
@@ -49,7 +53,14 @@ class BmsOptions(PipelineOptions):
             default=None,
             help="where to keep read positions, committed once their rows are written: a folder, "
             "https://ACCOUNT.blob.core.windows.net/CONTAINER or blob:CONTAINER; a rerun resumes "
-            "from them, and rows are written idempotently (default: none, start from --start)",
+            "from them; one job at a time holds them (default: none, start from --start)",
+        )
+        parser.add_argument(
+            "--wait_for_lease",
+            "--wait-for-lease",
+            action="store_true",
+            help="if another job holds --checkpoints, wait for it to end instead of refusing to "
+            "start",
         )
         parser.add_argument(
             "--event_time",
@@ -78,6 +89,13 @@ class BmsOptions(PipelineOptions):
             type=int,
             default=DEFAULT_BATCH_SIZE,
             help="rows per warehouse insert batch (default: %(default)s)",
+        )
+        parser.add_argument(
+            "--write_retry_deadline",
+            type=float,
+            default=DEFAULT_RETRY_DEADLINE_SECONDS,
+            help="seconds to wait out an unreachable or locked warehouse, retrying with backoff "
+            "while reading pauses, before the job stops (default: %(default)g)",
         )
         parser.add_argument(
             "--read_batch_size",

@@ -24,12 +24,10 @@ from pipeline.io.checkpoints import open_checkpoint_store
 from pipeline.io.hub import checkpoint_scope
 from pipeline.io.progress import CommitPositions
 from pipeline.io.source import EVENTS, POSITIONS, ReadFromHub
-from pipeline.io.warehouse import WriteToWarehouse
+from pipeline.io.warehouses import DEAD_LETTERS, FACTS, WriteToWarehouse
 from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments, window_size_micros
 from pipeline.options import BmsOptions
-from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, DeadLetter, HubEvent
-
-DEAD_LETTERS = "dead_letters"
+from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, DeadLetter, HubEvent, event_key
 
 
 def _payment_rows(body: bytes) -> list[rules.PaymentRow]:
@@ -37,7 +35,9 @@ def _payment_rows(body: bytes) -> list[rules.PaymentRow]:
 
 
 class _ParseFn(beam.DoFn):
-    """Turns hub events into keyed rows ``(order_id, (micros, row))``; bad ones into dead letters.
+    """Turns hub events into keyed rows ``(order_id, (micros, row, key))``; bad ones into dead
+    letters. ``key`` is where the row came from: ``schema.event_key`` of its event, plus
+    ``:SEAT_INDEX`` for booking rows (``seat_rows``), the parts of the fact rows' identity.
 
     Rows whose order_id is NULL are dropped here: ASA never joins them (counted, not lost).
     ``payload_time`` (the ``payload`` event-time policy) reads an event's time from its first
@@ -48,11 +48,13 @@ class _ParseFn(beam.DoFn):
         self,
         name: str,
         parse: Callable[[bytes], list[tuple]],
+        seat_rows: bool,
         payload_time: Callable[[tuple], dt.datetime | None] | None = None,
         tolerance_micros: int = 0,
     ):
         self._name = name
         self._parse = parse
+        self._seat_rows = seat_rows
         self._payload_time = payload_time
         self._tolerance_micros = tolerance_micros
 
@@ -87,15 +89,15 @@ class _ParseFn(beam.DoFn):
                 )
                 return
             retimestamp = True
-        for row in rows:
+        key = event_key(event.partition, event.sequence_number)
+        for index, row in enumerate(rows):
             if row[0] is None:
                 self._no_order_id.inc()
-            elif retimestamp:
-                yield TimestampedValue((row[0], (micros, row)), Timestamp(micros=micros))
-            else:
-                # Grouping drops each element's own timestamp, so the join gets it in the value;
-                # read from the element (not the body), it follows whatever time the source set.
-                yield row[0], (micros, row)
+                continue
+            # Grouping drops each element's own timestamp, so the join gets it in the value;
+            # read from the element (not the body), it follows whatever time the source set.
+            value = (row[0], (micros, row, f"{key}:{index}" if self._seat_rows else key))
+            yield TimestampedValue(value, Timestamp(micros=micros)) if retimestamp else value
 
 
 class ComputeFacts(beam.PTransform):
@@ -126,12 +128,14 @@ class ComputeFacts(beam.PTransform):
         self._parse_bookings = _ParseFn(
             "booking",
             rules.booking_rows,
+            True,
             itemgetter(rules.BOOKING_TIME_INDEX) if payload else None,
             tolerance,
         )
         self._parse_payments = _ParseFn(
             "payment",
             _payment_rows,
+            False,
             itemgetter(rules.PAYMENT_TIME_INDEX) if payload else None,
             tolerance,
         )
@@ -174,23 +178,26 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
     result = tuple(read[EVENTS] for read in reads) | ComputeFacts(
         options.join_period(), options.event_time, options.late_arrival_tolerance
     )
-    idempotent = checkpoints is not None
-    written = [
-        result[target]
-        | f"Write{label}"
-        >> WriteToWarehouse(
-            options.warehouse,
-            target,
-            batch_size=options.write_batch_size,
-            idempotent=idempotent,
-        )
-        for target, label in (("facts", "Facts"), (DEAD_LETTERS, "DeadLetters"))
-    ]
+    unstorable = result["facts"] | "WriteFacts" >> WriteToWarehouse(
+        options.warehouse,
+        FACTS,
+        batch_size=options.write_batch_size,
+        retry_deadline=options.write_retry_deadline,
+    )
+    written = (result[DEAD_LETTERS], unstorable) | "AllDeadLetters" >> beam.Flatten()
+    written |= "WriteDeadLetters" >> WriteToWarehouse(
+        options.warehouse,
+        DEAD_LETTERS,
+        batch_size=options.write_batch_size,
+        retry_deadline=options.write_retry_deadline,
+    )
     if checkpoints is not None:
         open_store = functools.partial(
             open_checkpoint_store, checkpoints, checkpoint_scope(options.hub)
         )
         span = window_size_micros(options.join_period())
-        _ = (*(read[POSITIONS] for read in reads), *written) | "CommitPositions" >> CommitPositions(
+        # The dead-letter writer's output follows the fact writer's (unstorable rows go through
+        # it), so its watermark passes a time once both tables hold the rows up to it.
+        _ = (*(read[POSITIONS] for read in reads), written) | "CommitPositions" >> CommitPositions(
             open_store, span
         )

@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 import sys
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.io.hub import DEFAULT_HUB_URL
 from producers.eventhubs import PublishError
 from producers.events import Shares

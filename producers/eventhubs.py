@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 from itertools import groupby
 from typing import Any
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.io.azure import import_extra, is_credential_error
 from pipeline.io.eventhubs import CREDENTIAL_HINT, EventHubsAddress
 from pipeline.io.hub import OutgoingEvent

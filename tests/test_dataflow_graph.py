@@ -36,7 +36,7 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline import pipeline as bms_pipeline
-from pipeline.cli import UsageError, build_parser
+from pipeline.errors import UsageError, build_parser
 from pipeline.commands.run import parse_run_args, pipeline_options
 from pipeline.io import synapse
 from pipeline.io.positions import StartPosition

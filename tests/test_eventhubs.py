@@ -27,7 +27,7 @@ from azure.eventhub.exceptions import (  # noqa: E402
     OperationTimeoutError,
 )
 
-from pipeline.cli import UsageError  # noqa: E402
+from pipeline.errors import UsageError  # noqa: E402
 from pipeline.io import eventhubs  # noqa: E402
 from pipeline.io.eventhubs import (  # noqa: E402
     EventHubsAddress,

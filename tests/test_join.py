@@ -8,6 +8,8 @@ FnApiRunner: "DirectRunner" would first try to download Prism from GitHub.
 
 from __future__ import annotations
 
+import itertools
+
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -54,9 +56,14 @@ def streamed(arrivals, watermark_steps=()):
     return stream
 
 
+_SEQUENCE = itertools.count()
+
+
 def keyed(kind, order_id, micros, **kwargs):
+    """A keyed booking seat row or payment row, each from an event of its own."""
     row = booking(order_id, **kwargs) if kind == "b" else payment(order_id, **kwargs)
-    return (kind, micros, (order_id, (micros, row)))
+    key = f"0:{next(_SEQUENCE)}" + (":0" if kind == "b" else "")
+    return (kind, micros, (order_id, (micros, row, key)))
 
 
 def streaming_pipeline():
@@ -211,8 +218,16 @@ def brute_force(bookings, payments):
     )
 
 
-def timestamped(order, micros, row):
-    return TimestampedValue((order, (T0 + micros, row)), (T0 + micros) / SECOND)
+def timestamped(order, micros, row, key):
+    return TimestampedValue((order, (T0 + micros, row, key)), (T0 + micros) / SECOND)
+
+
+def seat_key(case_index, index):
+    return f"{case_index}:{index}:0"
+
+
+def payment_key(case_index, index):
+    return f"{case_index}:{index}"
 
 
 @settings(max_examples=8)  # each example is up to 25 cases in one pipeline run
@@ -226,11 +241,17 @@ def test_windowed_join_equals_nested_loop_join(case_list):
         case = by_period.setdefault(period, ([], [], []))
         for i, (order, micros) in enumerate(bookings):
             seat = f"{prefix}{order}#{i}"
-            case[0].append(timestamped(prefix + order, micros, booking(prefix + order, seat=seat)))
+            row = booking(prefix + order, seat=seat)
+            case[0].append(timestamped(prefix + order, micros, row, seat_key(case_index, i)))
         for i, (order, micros) in enumerate(payments):
             payment_id = f"{prefix}{order}#{i}"
-            case[1].append(timestamped(prefix + order, micros, payment(prefix + order, payment_id)))
-        case[2].extend((prefix + b, prefix + q) for b, q in brute_force(bookings, payments))
+            row = payment(prefix + order, payment_id)
+            case[1].append(timestamped(prefix + order, micros, row, payment_key(case_index, i)))
+        for b, q in brute_force(bookings, payments):
+            # the row key says where the pair's seat row and payment came from
+            b_index, q_index = b.split("#")[1], q.split("#")[1]
+            key = f"{seat_key(case_index, b_index)}/{payment_key(case_index, q_index)}"
+            case[2].append((prefix + b, prefix + q, key))
     with batch_pipeline() as p:
         for period, (booking_values, payment_values, expected) in by_period.items():
             joined = (
@@ -238,7 +259,8 @@ def test_windowed_join_equals_nested_loop_join(case_list):
                 p | f"P{period}" >> beam.Create(payment_values),
             ) | f"Join{period}" >> JoinBookingsToPayments(period)
             assert_that(
-                joined | f"Pairs{period}" >> beam.Map(lambda row: (row[SEAT], row[PAYMENT_ID])),
+                joined
+                | f"Pairs{period}" >> beam.Map(lambda row: (row[SEAT], row[PAYMENT_ID], row[-1])),
                 equal_to(expected),
                 label=f"Check{period}",
             )
@@ -257,14 +279,17 @@ def test_a_hot_order_gives_every_qualifying_pair_once():
             | "B"
             >> beam.Create(
                 [
-                    timestamped(o, t, booking(o, seat=f"{o}#{i}"))
+                    timestamped(o, t, booking(o, seat=f"{o}#{i}"), seat_key(0, i))
                     for i, (o, t) in enumerate(bookings)
                 ]
             ),
             p
             | "P"
             >> beam.Create(
-                [timestamped(o, t, payment(o, f"{o}#{i}")) for i, (o, t) in enumerate(payments)]
+                [
+                    timestamped(o, t, payment(o, f"{o}#{i}"), payment_key(0, i))
+                    for i, (o, t) in enumerate(payments)
+                ]
             ),
         ) | JoinBookingsToPayments()
         assert_that(joined | beam.Map(lambda row: (row[SEAT], row[PAYMENT_ID])), equal_to(expected))

@@ -20,7 +20,7 @@ from apache_beam.transforms.window import TimestampedValue
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.io.warehouse import WriteToWarehouse, read_dead_letters, read_facts
+from pipeline.io.warehouses import WriteToWarehouse, read_dead_letters, read_facts
 from pipeline.parity.evaluator import evaluate
 from pipeline.pipeline import ComputeFacts
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, HubEvent

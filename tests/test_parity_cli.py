@@ -10,7 +10,7 @@ import sqlalchemy as sa
 
 from pipeline.cli import main
 from pipeline.commands import parity as parity_command
-from pipeline.io.warehouse import write_rows
+from pipeline.io.warehouses import write_rows
 from pipeline.parity.compare import compare
 from tests.conftest import produce_into
 

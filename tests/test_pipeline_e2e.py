@@ -17,7 +17,7 @@ from pipeline import rules
 from pipeline.cli import main
 from pipeline.event_time import payload_event_time
 from pipeline.io.localhub import LocalHub
-from pipeline.io.warehouse import read_dead_letters, read_facts
+from pipeline.io.warehouses import read_dead_letters, read_facts
 from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB, micros_to_datetime
 from tests.conftest import booking_document, payment_document, produce_into
 

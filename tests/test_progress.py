@@ -24,7 +24,7 @@ from pipeline.io.checkpoints import CheckpointScope, FileCheckpointStore
 from pipeline.io.hub import checkpoint_scope, read_all
 from pipeline.io.localhub import LocalHub
 from pipeline.io.progress import CommitPositions, PositionMark, committable
-from pipeline.io.warehouse import read_facts
+from pipeline.io.warehouses import read_facts
 from pipeline.parity.evaluator import evaluate
 from tests.conftest import produce_into
 

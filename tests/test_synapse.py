@@ -14,7 +14,7 @@ import pytest
 import sqlglot
 from apache_beam.testing.test_pipeline import TestPipeline
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.io import synapse
 from pipeline.io.synapse import (
     DEAD_LETTERS,

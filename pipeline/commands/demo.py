@@ -7,8 +7,8 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from pipeline.cli import UsageError
 from pipeline.commands import run as run_command
+from pipeline.errors import UsageError
 from pipeline.io.localhub import LocalHub
 from producers.events import Shares
 from producers.publish import LocalHubPublisher, produce

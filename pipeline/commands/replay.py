@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import orjson
 
 from pipeline import rules
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.io.hub import DEFAULT_HUB_URL, OutgoingEvent
 from pipeline.schema import HUBS, datetime_to_micros
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import re
 import signal
 import sys
 import threading
@@ -19,10 +20,12 @@ from apache_beam.options.pipeline_options import (
 
 from pipeline import pipeline as bms_pipeline
 from pipeline import runners
-from pipeline.cli import UsageError
-from pipeline.io import progress, synapse
+from pipeline.errors import RuntimeFailure, UsageError
+from pipeline.io import progress
 from pipeline.io.checkpoints import open_checkpoint_store
 from pipeline.io.hub import checkpoint_scope
+from pipeline.io.lease import LeaseHeld, hold_lease
+from pipeline.io.warehouses import masked_url, open_writer, synapse
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
@@ -99,37 +102,73 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     it at once. Any other job is cancelled by Ctrl-C.
     """
     bms = options.view_as(BmsOptions)
-    if synapse.is_odbc_target(bms.warehouse):
-        if bms.checkpoints is not None and not synapse.parse_target(bms.warehouse).idempotent:
-            raise UsageError(
-                "--checkpoints resumes by reading the last join window again, which needs "
-                "idempotent writes: remove idempotent=false from --warehouse"
-            )
-    else:
-        try:
-            sa.make_url(bms.warehouse)
-        except sa.exc.ArgumentError:
-            raise UsageError(
-                f"--warehouse {bms.warehouse!r} is not a database URL; "
-                "try sqlite:///path/to/warehouse.db"
-            ) from None
-    if bms.checkpoints is not None:
-        try:  # a store that cannot be configured fails here, in one line, not on a worker
-            open_checkpoint_store(bms.checkpoints, checkpoint_scope(bms.hub)).close()
-        except ValueError as error:
-            raise UsageError(str(error)) from None
+    try:  # a URL no writer takes fails here, in one line, not on a worker
+        open_writer(bms.warehouse).close()
+    except sa.exc.ArgumentError:
+        raise UsageError(
+            f"--warehouse {bms.warehouse!r} is not a database URL; "
+            "try sqlite:///path/to/warehouse.db"
+        ) from None
+    except ValueError as error:
+        raise UsageError(f"--warehouse: {error}") from None
+    if bms.checkpoints is None:
+        return _run_job(options, bms)
+    try:  # a store that cannot be configured fails here, in one line, not on a worker
+        open_checkpoint_store(bms.checkpoints, checkpoint_scope(bms.hub)).close()
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    lost = threading.Event()
+
+    def lease_lost(reason: str) -> None:
+        lost.set()
+        progress.request_drain()
+
+    try:
+        with hold_lease(
+            bms.checkpoints, checkpoint_scope(bms.hub), wait=bms.wait_for_lease, on_lost=lease_lost
+        ):
+            result = _run_job(options, bms)
+    except LeaseHeld as error:
+        raise UsageError(str(error)) from None
+    if lost.is_set():
+        raise RuntimeFailure(
+            f"lost the lease on checkpoints {bms.checkpoints} while running, so the job was "
+            "drained: another job may have taken them over"
+        )
+    return result
+
+
+def _run_job(options: PipelineOptions, bms: BmsOptions) -> beam.runners.runner.PipelineResult:
     pipeline = beam.Pipeline(options=options)
     bms_pipeline.build(pipeline, bms)
     progress.reset_drain()
-    result = pipeline.run()
     try:
-        workers_here = options.view_as(PortableOptions).environment_type == "LOOPBACK"
-        with _drain_on_interrupt(enabled=workers_here and not bms.bounded):
-            result.wait_until_finish()
-    except KeyboardInterrupt:
-        result.cancel()
-        raise
+        result = pipeline.run()
+        try:
+            workers_here = options.view_as(PortableOptions).environment_type == "LOOPBACK"
+            with _drain_on_interrupt(enabled=workers_here and not bms.bounded):
+                result.wait_until_finish()
+        except KeyboardInterrupt:
+            result.cancel()
+            raise
+    except Exception as error:
+        cause = _warehouse_failure(str(error))
+        if cause is None:
+            raise
+        raise RuntimeFailure(cause) from error
+    finally:
+        progress.resume_reading()
     return result
+
+
+_WAREHOUSE_FAILURE = re.compile(r"(?:WarehouseUnavailable|WarehouseWriteError): (.+)")
+
+
+def _warehouse_failure(message: str) -> str | None:
+    """The one-line cause of a job that failed because the warehouse did (the runners report a
+    worker's exception as text), or None."""
+    causes = _WAREHOUSE_FAILURE.findall(message)
+    return causes[-1].strip() if causes else None
 
 
 @contextlib.contextmanager
@@ -168,34 +207,38 @@ def counters(result: beam.runners.runner.PipelineResult) -> dict[tuple[str, str]
 
 def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
     """What a run did, and where to look at the result."""
-    read = {
-        BOOKING_HUB: totals.get(("bms", "booking_events"), 0),
-        PAYMENT_HUB: totals.get(("bms", "payment_events"), 0),
-    }
+
+    def count(name: str) -> int:
+        return totals.get(("bms", name), 0)
+
+    read = {BOOKING_HUB: count("booking_events"), PAYMENT_HUB: count("payment_events")}
     categories = sorted(
         (name, value)
         for (namespace, name), value in totals.items()
         if namespace == ROWS_PER_CATEGORY_NAMESPACE
     )
     lines = [
-        "events read: " + ", ".join(f"{hub} {count}" for hub, count in read.items()),
-        f"dead letters: {totals.get(('bms', 'dead_letters_written'), 0)}"
-        f" (table {DEAD_LETTER_TABLE})",
-        f"fact rows written: {totals.get(('bms', 'facts_written'), 0)} (table {FACT_TABLE})",
+        "events read: " + ", ".join(f"{hub} {n}" for hub, n in read.items()),
+        f"fact rows: {count('facts_received')} computed, {count('facts_written')} newly "
+        f"written, {count('facts_already_present')} already present"
+        + (f", {count('facts_unstorable')} unstorable" if count("facts_unstorable") else "")
+        + f" (table {FACT_TABLE})",
+        f"dead letters: {count('dead_letters_received')} ({count('dead_letters_written')} newly "
+        f"written; table {DEAD_LETTER_TABLE})",
         "rows per event_category: "
         + (", ".join(f"{name} {value}" for name, value in categories) or "none"),
     ]
-    if synapse.is_odbc_target(warehouse_url) and not warehouse_url.startswith("mssql"):
-        return "\n".join([*lines, "warehouse: the ODBC data source given with --warehouse"])
-    url = sa.make_url(warehouse_url)
-    if url.get_backend_name() == "sqlite" and url.database:
+    if count("warehouse_write_retries"):
+        lines.append(f"warehouse write retries: {count('warehouse_write_retries')}")
+    url = sa.make_url(warehouse_url) if not synapse.is_odbc_target(warehouse_url) else None
+    if url is not None and url.get_backend_name() == "sqlite" and url.database:
         lines += [
             f"warehouse: {url.database}",
             f'  query it: sqlite3 {url.database} "SELECT event_category, COUNT(*) '
             f'FROM {FACT_TABLE} GROUP BY event_category"',
         ]
     else:
-        lines.append(f"warehouse: {url.render_as_string(hide_password=True)}")
+        lines.append(f"warehouse: {masked_url(warehouse_url)}")
     return "\n".join(lines)
 
 

@@ -10,7 +10,7 @@ import importlib
 from types import ModuleType
 from typing import Any
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 
 
 def import_extra(module: str, extra: str) -> ModuleType:

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.io.azure import (
     connection_string_settings,
     default_credential,

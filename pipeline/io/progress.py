@@ -1,32 +1,43 @@
-"""Committing read positions only once the rows they lead to are written, and draining.
+"""Committing read positions only once the rows they lead to are written; draining; pausing.
 
 The source (``pipeline.io.source``) emits a ``PositionMark`` for the last event of each read call,
 one whenever a caught-up partition's watermark enters a new 10 s, and a final mark when a
 partition stops reading (the end of a bounded range, or a drain).
-``CommitPositions`` commits a mark to the checkpoint store only when nothing that could still
-change the output depends on the events up to it:
+``CommitPositions`` commits a mark at time ``t`` to the checkpoint store only when nothing that
+could still change the output depends on the events up to it:
 
   - every join window holding them has fired and its rows are written. ``CommitPositions`` reads
     the marks together with the (empty) outputs of the warehouse writers, so its event-time
     watermark passes ``T`` only after the writers finished every bundle with rows of windows
-    ending at or before ``T``; a mark at time ``t`` is committed once a timer at ``t + span``
-    fires (``span`` = the join window's size);
-  - every event that could still join them has been read: when partitions stop (a drain, or a
-    bounded run), the watermark jumps to the end of time although later events may follow in
-    the hub, so commits also stay ``span`` behind the earliest point where a partition stopped,
-    and behind the latest event read at all (a drain by Dataflow, which stops partitions through
-    ``truncate`` without final marks, is then safe too).
+    ending at or before ``T``; the windows holding ``t`` end by ``t + span`` (``span`` = the
+    join window's size: the join's 120 s plus one period), so the mark waits for a timer at
+    ``t + span``;
+  - no event read later can still pair with them: an event pairs only with events at most
+    ``bound`` (the join's 120 s, ``rules.JOIN_WINDOW_MICROS``) before it, so ``t`` stays
+    ``bound`` behind the latest mark (the latest event read at all) and behind every final mark
+    (where a partition stopped: its later events are read by a later run). When partitions stop
+    (a drain, or the end of a bounded run) the watermark jumps to the end of time, and only this
+    condition holds commits back: a bounded run over events up to ``T`` commits up to
+    ``T - bound`` whatever the window period. A drain by Dataflow, which stops partitions
+    through ``truncate`` without final marks, is safe through the latest mark.
 
 Marks come one per read call and one per 10 s of event time per partition; commits come at
 most once per 30 s of event time. So the state stays small over hours, and one key holds it all. A
-restarted job reads on from the commits; the rows it writes again for the last ``span`` of
-events are dropped by the warehouse's idempotent mode.
+restarted job reads on from the commits; the rows it writes again for the events after them are
+dropped by the warehouse's idempotent mode.
 
 Drain (``request_drain``): partitions read in this process stop at their current position, emit
 their final mark and end; windows then fire, rows are written, positions committed and the job
 finishes. It reaches workers that share the launcher's process (``--environment_type=LOOPBACK``,
 the local default, and the in-process runner); on Dataflow use the service's drain, which calls
 the source's ``truncate``.
+
+Pause (``pause_reading``): while the warehouse is unavailable its writer waits the outage out
+with retries and pauses reading, so the job does not pile up rows it cannot write; partitions read
+in this process then read nothing (and hold their watermarks) until ``resume_reading``. The writer
+resumes once a write succeeds, or fails the job when it gives up; it should resume on every way
+out, since a pause left set holds the next job in the same process too. Like the drain, it
+reaches only workers in the launcher's process.
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
+from pipeline import rules
 from pipeline.io.checkpoints import CheckpointStore
 
 _DRAIN = threading.Event()
@@ -66,6 +78,32 @@ def reset_drain() -> None:
     _DRAIN.clear()
 
 
+_PAUSE = threading.Event()
+_pause_reason = ""
+
+
+def pause_reading(reason: str) -> None:
+    """Asks every partition read in this process to read nothing until ``resume_reading`` (see
+    the module doc); ``reason`` says why, for ``pause_reason``."""
+    global _pause_reason
+    _pause_reason = reason
+    _PAUSE.set()
+
+
+def resume_reading() -> None:
+    """Ends a pause (also before the next job in the same process, like ``reset_drain``)."""
+    _PAUSE.clear()
+
+
+def reading_paused() -> bool:
+    return _PAUSE.is_set()
+
+
+def pause_reason() -> str:
+    """Why reading was last paused ("" if it never was)."""
+    return _pause_reason
+
+
 class PositionMark(NamedTuple):
     """The last event read so far in one partition, or where a partition stopped (``final``).
 
@@ -82,19 +120,24 @@ class PositionMark(NamedTuple):
 
 
 def committable(
-    marks: Iterable[PositionMark], watermark: int, span: int
+    marks: Iterable[PositionMark],
+    watermark: int,
+    span: int,
+    bound: int = rules.JOIN_WINDOW_MICROS,
 ) -> tuple[dict[tuple[str, str], int], list[PositionMark]]:
     """What may be committed when the watermark (µs) has reached ``watermark``.
 
     Returns ``({(hub, partition): last sequence number to commit}, marks to keep)``. A mark is
-    committable when ``event_time + span`` is at most the watermark, every final mark's time and
-    the latest mark's time; final marks are always kept, as they hold back later commits too.
+    committable when ``event_time + span`` is at most the watermark (its windows are written) and
+    ``event_time + bound`` at most the latest mark's time and every final mark's time (no event
+    read later pairs with it); final marks are always kept, as they hold back later commits too.
     """
     marks = list(marks)
     if not marks:
         return {}, []
     frontier = max(mark.event_time for mark in marks)
-    limit = min([watermark, frontier, *(mark.event_time for mark in marks if mark.final)]) - span
+    stops = [frontier, *(mark.event_time for mark in marks if mark.final)]
+    limit = min(watermark - span, min(stops) - bound)
     commits: dict[tuple[str, str], int] = {}
     kept = []
     for mark in marks:
@@ -107,7 +150,12 @@ def committable(
 
 
 def _next_timer(marks: Iterable[PositionMark], span: int, interval: int) -> int | None:
-    """When the earliest pending mark can be committed, rounded up to the commit interval."""
+    """When the earliest pending mark's windows are written (the watermark condition of
+    ``committable``), rounded up to the commit interval.
+
+    The other condition (``bound`` behind the latest and the final marks) moves only when a new
+    mark comes, and each new mark sets a timer for itself, whose firing checks the older marks
+    too; so no timer is needed while that condition alone holds the pending marks back."""
     times = [mark.event_time for mark in marks if not mark.final]
     if not times:
         return None
@@ -122,10 +170,17 @@ _COMMIT = beam.DoFn.TimerParam(_COMMIT_TIMER)
 
 
 class _CommitPositionsFn(beam.DoFn):
-    def __init__(self, open_store: Callable[[], CheckpointStore], span: int, interval: int):
+    def __init__(
+        self,
+        open_store: Callable[[], CheckpointStore],
+        span: int,
+        interval: int,
+        bound: int = rules.JOIN_WINDOW_MICROS,
+    ):
         self._open_store = open_store
         self._span = span
         self._interval = interval
+        self._bound = bound
 
     def setup(self):
         self._store = self._open_store()
@@ -154,7 +209,7 @@ class _CommitPositionsFn(beam.DoFn):
         timer_at=_TIMER_AT,
         commit=_COMMIT,
     ):
-        commits, kept = committable(marks.read(), fired_at.micros, self._span)
+        commits, kept = committable(marks.read(), fired_at.micros, self._span, self._bound)
         for (hub, partition), sequence_number in sorted(commits.items()):
             self._store.commit(hub, partition, sequence_number)
             yield hub, partition, sequence_number
@@ -164,8 +219,8 @@ class _CommitPositionsFn(beam.DoFn):
             marks.add(mark)
         due = _next_timer(kept, self._span, self._interval)
         timer_at.clear()
-        # A due time not after this firing means a final mark holds the rest back: nothing
-        # more will become committable, so no timer.
+        # A due time not after this firing means the latest or a final mark holds the rest
+        # back: nothing more becomes committable until a new mark comes (and sets its timer).
         if due is not None and due > fired_at.micros:
             commit.set(Timestamp(micros=due))
             timer_at.write(due)
@@ -186,13 +241,19 @@ class CommitPositions(beam.PTransform):
       open_store: makes the checkpoint store, on the worker.
       span: the join window's size in µs: how far commits stay behind the watermark.
       interval: commits happen at most once per this much event time (µs).
+      bound: how far before an event (µs) the events it joins with may lie: how far commits
+        stay behind the latest mark and every final mark (the join's 120 s).
     """
 
     def __init__(
-        self, open_store: Callable[[], CheckpointStore], span: int, interval: int = 30_000_000
+        self,
+        open_store: Callable[[], CheckpointStore],
+        span: int,
+        interval: int = 30_000_000,
+        bound: int = rules.JOIN_WINDOW_MICROS,
     ):
         super().__init__()
-        self._fn = _CommitPositionsFn(open_store, span, interval)
+        self._fn = _CommitPositionsFn(open_store, span, interval, bound)
 
     def expand(self, inputs):
         return (

@@ -45,7 +45,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
-from pipeline.cli import UsageError
+from pipeline.errors import UsageError
 from pipeline.io.azure import connection_string_settings, default_credential
 from pipeline.schema import (
     DEAD_LETTER_KEY,

@@ -1,0 +1,206 @@
+"""The one warehouse sink: validate, batch, insert once per row key, wait out outages, isolate
+refused rows. Every target's writer (``base.WarehouseWriter``) runs under it.
+
+For each bundle the sink
+
+  1. checks every row against the table's column types (``base.row_checker``): a fact row that
+     no target could store leaves at once as a dead letter naming the column and the reason;
+  2. buffers the others and inserts them ``batch_size`` at a time. The writer inserts only rows
+     whose row key the table lacks (the database decides: a unique index, or one set-based
+     statement), so a replayed or retried batch adds nothing twice;
+  3. retries transient failures with exponential backoff and jitter (tenacity) for up to
+     ``retry_deadline`` seconds, pausing the reading of the hubs meanwhile
+     (``pipeline.io.progress.pause_reading``); past the deadline it raises
+     ``WarehouseUnavailable``, which fails the bundle and so the job, with nothing committed
+     past the unwritten rows;
+  4. halves a batch the database refuses for its data until the refused rows are alone, so a
+     good row is never held back by a bad one; a refused fact row becomes a dead letter with the
+     database's reason (a refused dead letter stops the job: there is nowhere else to put it).
+
+Its output is the dead letters of the fact rows it could not store (none for the dead-letter
+table), in the rows' own windows; the job writes them with the other dead letters. Nothing else
+is emitted, and the output's watermark passes a time only when the rows up to it are written,
+which is what ``pipeline.io.progress.CommitPositions`` waits for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import apache_beam as beam
+import tenacity
+from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
+
+from pipeline.io import progress
+from pipeline.io.warehouses.base import (
+    DEAD_LETTERS,
+    FACTS,
+    WarehouseUnavailable,
+    WarehouseWriteError,
+    WarehouseWriter,
+    dead_letter_row,
+    describe_error,
+    row_checker,
+)
+from pipeline.schema import DeadLetter
+
+__all__ = ["DEFAULT_RETRY_DEADLINE_SECONDS", "WriteRows"]
+
+DEFAULT_RETRY_DEADLINE_SECONDS = 600.0
+_LOG = logging.getLogger(__name__)
+
+
+class _WriteRowsFn(beam.DoFn):
+    def __init__(
+        self,
+        open_writer: Callable[[], WarehouseWriter],
+        target: str,
+        batch_size: int,
+        retry_deadline: float,
+        max_backoff: float,
+    ):
+        self._open_writer = open_writer
+        self._target = target
+        self._batch_size = batch_size
+        self._retry_deadline = retry_deadline
+        self._max_backoff = max_backoff
+        self._to_row = dead_letter_row if target == DEAD_LETTERS else tuple
+
+    def setup(self):
+        self._writer = self._open_writer()
+        self._unstorable = row_checker(self._target, nul_allowed=self._writer.nul_allowed)
+        self._received = Metrics.counter("bms", f"{self._target}_received")
+        self._written = Metrics.counter("bms", f"{self._target}_written")
+        self._present = Metrics.counter("bms", f"{self._target}_already_present")
+        self._refused = Metrics.counter("bms", f"{self._target}_unstorable")
+        self._retries = Metrics.counter("bms", "warehouse_write_retries")
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(self._writer.is_transient),
+            wait=tenacity.wait_random_exponential(multiplier=0.5, max=self._max_backoff),
+            stop=tenacity.stop_after_delay(self._retry_deadline),
+            before_sleep=self._waiting,
+            reraise=True,
+        )
+
+    def start_bundle(self):
+        self._buffer: list[WindowedValue] = []
+
+    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        row = self._to_row(element)
+        self._received.inc()
+        problem = self._unstorable(row)
+        if problem is not None:
+            yield from self._refuse(WindowedValue(row, timestamp, (window,)), *problem)
+            return
+        self._buffer.append(WindowedValue(row, timestamp, (window,)))
+        if len(self._buffer) >= self._batch_size:
+            yield from self._flush()
+
+    def finish_bundle(self):
+        yield from self._flush()
+
+    def teardown(self):
+        self._writer.close()
+
+    def _flush(self) -> Iterator[WindowedValue]:
+        batch, self._buffer = self._buffer, []
+        if batch:
+            yield from self._write(batch)
+
+    def _write(self, batch: list[WindowedValue]) -> Iterator[WindowedValue]:
+        """Inserts a batch; halves it while the database refuses its data (module doc, 4)."""
+        try:
+            written = self._insert([row.value for row in batch])
+        except Exception as error:
+            if not self._writer.is_data_error(error):
+                raise WarehouseWriteError(
+                    f"could not write to {self._writer.description}: {describe_error(error)}"
+                ) from None
+            if len(batch) == 1:
+                yield from self._refuse(batch[0], None, f"refused: {describe_error(error)}")
+                return
+            middle = len(batch) // 2
+            yield from self._write(batch[:middle])
+            yield from self._write(batch[middle:])
+            return
+        self._written.inc(written)
+        self._present.inc(len(batch) - written)
+
+    def _insert(self, rows: list[tuple]) -> int:
+        """One batch through the retry policy (module doc, 3)."""
+        started = time.monotonic()
+        try:
+            return self._retrying(self._writer.write_batch, rows)
+        except Exception as error:
+            if self._writer.is_transient(error):
+                raise WarehouseUnavailable(
+                    f"warehouse {self._writer.description} unavailable for "
+                    f"{time.monotonic() - started:.0f} s ({describe_error(error)}); rows not "
+                    "written yet will be read again by the next run"
+                ) from None
+            raise
+        finally:
+            if progress.reading_paused():
+                progress.resume_reading()
+                _LOG.warning("warehouse %s is back; reading resumes", self._writer.description)
+
+    def _waiting(self, state: tenacity.RetryCallState) -> None:
+        self._retries.inc()
+        if not progress.reading_paused():
+            error = state.outcome.exception() if state.outcome else None
+            reason = describe_error(error) if error else "unknown"
+            progress.pause_reading(reason)
+            _LOG.warning(
+                "warehouse %s unavailable (%s): reading paused, retrying for up to %.0f s",
+                self._writer.description,
+                reason,
+                self._retry_deadline,
+            )
+
+    def _refuse(self, row: WindowedValue, column: str | None, reason: str):
+        if self._target != FACTS:
+            raise WarehouseWriteError(
+                f"{self._writer.description} cannot store a dead letter ({reason})"
+            )
+        self._refused.inc()
+        described = f"column {column}: {reason}" if column else reason
+        letter = DeadLetter.of_row(row.value, column, described)
+        yield row.with_value(letter)
+
+
+class WriteRows(beam.PTransform):
+    """Writes fact rows or ``DeadLetter``s through a ``WarehouseWriter`` (see the module doc).
+
+    Args:
+      open_writer: makes the writer, on the worker.
+      target: ``"facts"`` or ``"dead_letters"``.
+      batch_size: rows per insert.
+      retry_deadline: seconds transient failures are retried before the job fails.
+      max_backoff: the longest wait between two retries, in seconds.
+
+    Returns the ``DeadLetter``s of fact rows the warehouse cannot store.
+    """
+
+    def __init__(
+        self,
+        open_writer: Callable[[], WarehouseWriter],
+        target: str = FACTS,
+        *,
+        batch_size: int,
+        retry_deadline: float = DEFAULT_RETRY_DEADLINE_SECONDS,
+        max_backoff: float = 30.0,
+    ):
+        super().__init__()
+        if target not in (FACTS, DEAD_LETTERS):
+            raise ValueError(f"target must be {FACTS!r} or {DEAD_LETTERS!r}, got {target!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if retry_deadline < 0:
+            raise ValueError(f"retry_deadline must not be negative, got {retry_deadline}")
+        self._fn = _WriteRowsFn(open_writer, target, batch_size, retry_deadline, max_backoff)
+
+    def expand(self, rows):
+        return rows | beam.ParDo(self._fn)

@@ -6,9 +6,8 @@ CREATE SCHEMA bookymyshow;
 -- One row per (seat, payment) pair; the column types are the original project's.
 -- DISTRIBUTION = HASH(order_id): order_id is the join and grouping key and has high cardinality,
 -- so rows spread evenly over the pool's 60 distributions, all rows of one order sit on one
--- distribution (per-order queries and joins with other order-keyed tables move no data), and a
--- writer's duplicate check on the natural key stays local. ROUND_ROBIN would shuffle on every
--- such query; REPLICATE suits only small dimension tables.
+-- distribution (per-order queries and joins with other order-keyed tables move no data).
+-- ROUND_ROBIN would shuffle on every such query; REPLICATE suits only small dimension tables.
 -- CLUSTERED COLUMNSTORE INDEX: a large, append-only fact table scanned by a few columns at a
 -- time (counts per category, revenue per hour) is what columnstore compresses and scans best.
 -- Rows arrive in batches (ASA bulk-inserts up to 10,000 at a time; the pipeline batches too), so
@@ -33,7 +32,12 @@ CREATE TABLE bookymyshow.bookings_fact (
     payment_method NVARCHAR(50),
     payment_type NVARCHAR(50),
     booking_event_time DATETIME2,
-    payment_event_time DATETIME2
+    payment_event_time DATETIME2,
+    -- The row identity: where the row's inputs came from in the hubs, booking
+    -- partition:sequence:seat / payment partition:sequence (e.g. 0:1234:2/1:567). Synapse does
+    -- not enforce uniqueness (no enforced UNIQUE or PRIMARY KEY), so the writer inserts a key
+    -- only when the table does not hold it yet: a replay or retry never doubles a row.
+    row_key NVARCHAR(100) NOT NULL
 )
 WITH (DISTRIBUTION = HASH(order_id), CLUSTERED COLUMNSTORE INDEX);
 
@@ -45,7 +49,11 @@ CREATE TABLE bookymyshow.dead_letters (
     sequence_number BIGINT NOT NULL,
     enqueued_time DATETIME2 NOT NULL,
     body VARBINARY(MAX) NOT NULL,
-    reason NVARCHAR(4000) NOT NULL
+    reason NVARCHAR(4000) NOT NULL,
+    -- The row identity: for an event's dead letter hub:partition:sequence (e.g.
+    -- bookingtopic:3:42); for a fact row the warehouse could not store, that row's key. Not
+    -- enforced unique by Synapse either: the writer inserts a key only when absent.
+    row_key NVARCHAR(100) NOT NULL
 )
 WITH (DISTRIBUTION = ROUND_ROBIN, HEAP);
 

@@ -17,6 +17,14 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 _MEASUREMENTS: list[str] = []
 
 
+def missing(reason: str):
+    """A service or tool the test needs is missing: a skip locally, a failure under CI, where a
+    broken install step must never hide behind a skip."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (under CI every service must be there)")
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def report():
     """Adds a line to the end of the test run's summary: measurements stay visible in CI logs,

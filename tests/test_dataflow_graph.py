@@ -36,11 +36,12 @@ from apache_beam.portability.api import beam_runner_api_pb2
 from apache_beam.runners.runner import PipelineResult, PipelineState
 
 from pipeline import pipeline as bms_pipeline
-from pipeline.errors import UsageError, build_parser
+from pipeline.cli import build_parser
 from pipeline.commands.run import parse_run_args, pipeline_options
-from pipeline.io import synapse
+from pipeline.errors import UsageError
 from pipeline.io.positions import StartPosition
 from pipeline.io.source import POSITIONS
+from pipeline.io.warehouses import synapse
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB
 
@@ -141,7 +142,7 @@ def test_job_holds_our_transforms(job: PipelineResult) -> None:
     for hub in (BOOKING_HUB, PAYMENT_HUB):
         assert {f"Read {hub}/ListPartitions", f"Read {hub}/ReadPartitions"} <= names
     assert {"ComputeFacts/Join", "WriteFacts", "WriteDeadLetters"} <= names
-    assert any(name.startswith("WriteFacts/WriteToSynapse/") for name in names)
+    assert any(name.startswith("WriteFacts/WriteRows/") for name in names)
 
 
 def test_checkpointed_job_commits_positions(streaming_job: PipelineResult) -> None:
@@ -209,7 +210,7 @@ def test_workers_run_the_image_and_get_our_package(
         "setup.py",
         "pipeline/pipeline.py",
         "pipeline/io/source.py",
-        "pipeline/io/synapse.py",
+        "pipeline/io/warehouses/synapse.py",
         "producers/events.py",
     } <= members
 

@@ -12,7 +12,13 @@ from sqlglot import exp
 
 from pipeline import rules
 from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate, translate
-from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, FACT_COLUMNS, PAYMENT_HUB
+from pipeline.schema import (
+    BOOKING_HUB,
+    DEAD_LETTER_COLUMNS,
+    FACT_COLUMN_NAMES,
+    FACT_TABLE_COLUMNS,
+    PAYMENT_HUB,
+)
 from tests.conftest import booking_body, hub_event, payment_body
 
 SECOND = 1_000_000
@@ -196,16 +202,9 @@ def test_every_synapse_statement_parses_as_t_sql():
     }
     assert tables["bookings_fact"] == [  # the names, order and types of pipeline.schema
         (column.name, exp.DataType.build(column.sql_type, dialect="tsql").sql("tsql"))
-        for column in FACT_COLUMNS
+        for column in FACT_TABLE_COLUMNS
     ]
-    assert [name for name, _ in tables["dead_letters"]] == [
-        "hub",
-        "partition",
-        "sequence_number",
-        "enqueued_time",
-        "body",
-        "reason",
-    ]
+    assert [name for name, _ in tables["dead_letters"]] == [c.name for c in DEAD_LETTER_COLUMNS]
     # sqlglot has no grammar for these two; check their shape instead
     commands = [s.sql("tsql", comments=False) for s in statements if isinstance(s, exp.Command)]
     assert len(commands) == 2

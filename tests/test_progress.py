@@ -2,15 +2,19 @@
 
 ``committable`` is checked by properties; ``CommitPositions`` on a TestStream (the
 BundleBasedDirectRunner, the one that runs TestStream) against the event-time watermark and a
-real checkpoint folder; resuming end to end through ``bms run --bounded --checkpoints`` twice
-over a growing hub, compared with the ASA query over everything. Draining a streaming job on
-Prism is in ``test_streaming.py``.
+real checkpoint folder, and at the end of a bounded run (the watermark jumps to the end of time)
+there and on the in-process runner; resuming end to end through ``bms run --bounded
+--checkpoints`` twice over a growing hub, compared with the ASA query over everything. Draining a
+streaming job on Prism is in ``test_streaming.py``; reading pieces of the source call by call in
+``test_source.py``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -44,36 +48,52 @@ marks_strategy = st.lists(
 )
 
 
-@given(marks_strategy, st.integers(0, 1_200), st.integers(0, 300))
-def test_commits_stay_a_span_behind_the_watermark_and_every_final_mark(marks, watermark, span):
-    commits, kept = committable(marks, watermark, span)
+@given(marks_strategy, st.integers(0, 1_200), st.integers(0, 300), st.integers(0, 300))
+def test_commits_stay_behind_the_watermark_by_the_span_and_every_stop_by_the_bound(
+    marks, watermark, span, bound
+):
+    commits, kept = committable(marks, watermark, span, bound)
     frontier = max((m.event_time for m in marks), default=watermark)
-    limit = min([watermark, frontier, *(m.event_time for m in marks if m.final)]) - span
+    finals = [m.event_time for m in marks if m.final]
+
+    def due(mark):  # its windows are written, and nothing read later can pair with it
+        return (
+            mark.event_time + span <= watermark
+            and mark.event_time + bound <= frontier
+            and all(mark.event_time + bound <= final for final in finals)
+        )
+
     for mark in marks:
         key = (mark.hub, mark.partition)
-        if mark.final or mark.event_time > limit:
+        if mark.final or not due(mark):
             assert mark in kept  # nothing pending is forgotten
-        elif mark.sequence_number >= 0:
+        elif mark.sequence_number >= 0:  # everything else is committed
             assert commits[key] >= mark.sequence_number
-            assert mark not in kept or mark.final
+            assert mark not in kept
     for key, sequence_number in commits.items():
         # The commit is a mark that was due, never a position beyond what was due.
         assert any(
             (m.hub, m.partition) == key
             and m.sequence_number == sequence_number
             and not m.final
-            and m.event_time <= limit
+            and due(m)
             for m in marks
         )
     assert {m for m in marks if m.final} <= set(kept)
 
 
-def test_a_watermark_at_the_end_of_time_commits_only_a_span_behind_the_latest_mark():
+def test_a_watermark_at_the_end_of_time_commits_only_a_bound_behind_the_latest_mark():
     # Dataflow's drain stops partitions without final marks and jumps the watermark to the end.
     marks = [PositionMark("bookingtopic", "0", n, n * 10, False) for n in range(30)]
-    commits, kept = committable(marks, watermark=10**18, span=150)
-    assert commits == {("bookingtopic", "0"): 14}  # 140 s + 150 s <= 290 s, the latest mark
-    assert [m.sequence_number for m in kept] == list(range(15, 30))
+    commits, kept = committable(marks, watermark=10**18, span=150, bound=120)
+    assert commits == {("bookingtopic", "0"): 17}  # 170 s + 120 s <= 290 s, the latest mark
+    assert [m.sequence_number for m in kept] == list(range(18, 30))
+
+
+def test_the_bound_defaults_to_the_join_window():
+    marks = [PositionMark("bookingtopic", "0", n, n * 10 * SECOND, False) for n in range(30)]
+    commits, _ = committable(marks, watermark=10**18, span=720 * SECOND)
+    assert commits == {("bookingtopic", "0"): 17}  # 290 s - 120 s
 
 
 def _mark(partition, sequence_number, seconds, final=False, hub="bookingtopic"):
@@ -100,11 +120,11 @@ def test_positions_are_committed_once_the_watermark_passes_them_by_the_span(tmp_
         .add_elements([_mark("0", 20, 40), _mark("0", 30, 60)])
         .advance_watermark_to((T0 + 60 * SECOND) / SECOND)
         # The payment partition is caught up and idle: its time moves on, its position not.
-        .add_elements([_mark("1", 5, 170, hub="paymentstopic")])
+        .add_elements([_mark("1", 5, 150, hub="paymentstopic")])
         .advance_watermark_to((T0 + 100 * SECOND) / SECOND)  # 1 s + 150 s not reached: nothing
+        # The payment partition stops at 170 s (a drain): nothing after 170 s - 120 s commits.
+        .add_elements([_mark("1", 5, 170, final=True, hub="paymentstopic")])
         .advance_watermark_to((T0 + 185 * SECOND) / SECOND)  # the timer at 180 s fires
-        # The payment partition stops at 200 s (a drain): nothing after 200 s - 150 s commits.
-        .add_elements([_mark("1", 5, 200, final=True, hub="paymentstopic")])
         .advance_watermark_to((T0 + 300 * SECOND) / SECOND)  # as after a drain: far past all
         .advance_watermark_to_infinity()
     )
@@ -129,8 +149,46 @@ def test_positions_are_committed_once_the_watermark_passes_them_by_the_span(tmp_
             reify_windows=True,
         )
     store = _FolderStore(tmp_path)()
-    assert store.last_processed("bookingtopic") == {"0": 20}  # not 30: 60 s + 150 s > 200 s
+    assert store.last_processed("bookingtopic") == {"0": 20}  # not 30: 60 s + 120 s > 170 s
     assert store.last_processed("paymentstopic") == {"1": 5}
+
+
+def _bounded_run_marks():
+    """The marks of a bounded run over 330 s of events: one per 10 s in four partitions, and
+    each partition's final mark where its events end, at 330 s."""
+    marks = []
+    for hub in ("bookingtopic", "paymentstopic"):
+        for partition in ("0", "1"):
+            marks += [_mark(partition, n, n * 10, hub=hub) for n in range(34)]
+            marks.append(_mark(partition, 33, 330, final=True, hub=hub))
+    return marks
+
+
+@pytest.mark.parametrize("seconds", [150, 720])  # the spans of streaming and of bounded runs
+def test_a_bounded_run_commits_up_to_the_join_bound_before_its_end_whatever_the_span(
+    tmp_path, seconds
+):
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0 / SECOND)
+        .add_elements(_bounded_run_marks())
+        .advance_watermark_to_infinity()  # the end of a bounded run
+    )
+    options = PipelineOptions(streaming=True)
+    with TestPipeline(runner="BundleBasedDirectRunner", options=options) as pipeline:
+        _ = (pipeline | stream,) | CommitPositions(_FolderStore(tmp_path), seconds * SECOND)
+    store = _FolderStore(tmp_path)()
+    for hub in ("bookingtopic", "paymentstopic"):
+        assert store.last_processed(hub) == {"0": 21, "1": 21}  # 210 s = 330 s - 120 s
+
+
+def test_a_bounded_run_on_the_in_process_runner_commits_up_to_the_join_bound(tmp_path):
+    """The batch runner: the watermark goes from the start of time to its end at once."""
+    with TestPipeline() as pipeline:
+        marks = pipeline | beam.Create(_bounded_run_marks())
+        _ = (marks,) | CommitPositions(_FolderStore(tmp_path), 720 * SECOND)
+    store = _FolderStore(tmp_path)()
+    assert store.last_processed("bookingtopic") == {"0": 21, "1": 21}
 
 
 GW = GlobalWindow()

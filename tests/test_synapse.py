@@ -1,13 +1,16 @@
 """The Synapse writer: its T-SQL parsed with sqlglot, and its pyodbc code path run for real against
-PostgreSQL through the Debian ODBC driver (scripts/setup-services), plus live tests."""
+PostgreSQL through the Debian ODBC driver (scripts/setup-services), alone and under the generic
+warehouse sink in a Beam pipeline, plus live tests."""
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import struct
 import sys
 import uuid
+from pathlib import Path
 
 import apache_beam as beam
 import pytest
@@ -15,30 +18,43 @@ import sqlglot
 from apache_beam.testing.test_pipeline import TestPipeline
 
 from pipeline.errors import UsageError
-from pipeline.io import synapse
-from pipeline.io.synapse import (
+from pipeline.io.warehouses import WriteToWarehouse, synapse
+from pipeline.io.warehouses.base import WarehouseWriteError, dead_letter_row
+from pipeline.io.warehouses.synapse import (
     DEAD_LETTERS,
     FACTS,
     POSTGRES,
     TSQL,
     SynapseWriter,
+    TableSpec,
     Target,
-    WarehouseWriteError,
     access_token_attribute,
     column_mismatch,
     create_staging_statement,
-    insert_statement,
+    is_data_error,
     is_transient,
     merge_staging_statement,
     parse_target,
+    stage_statement,
 )
-from pipeline.io.warehouse import WriteToWarehouse
-from pipeline.schema import FACT_COLUMN_NAMES, DeadLetter
+from pipeline.schema import (
+    DEAD_LETTER_COLUMNS,
+    FACT_COLUMN_NAMES,
+    FACT_TABLE_COLUMNS,
+    NULLABLE_FACT_COLUMNS,
+    DeadLetter,
+    decode_fact_row,
+    fact_row_key,
+)
+from tests.conftest import missing
 
 ODBC = os.environ.get(
     "BMS_TEST_ODBC",
     "Driver={PostgreSQL Unicode};Server=127.0.0.1;Port=5432;Database=bms_test;Uid=bms;Pwd=bms",
 )
+DDL = Path(__file__).resolve().parents[1] / "sql" / "synapse_create_table.sql"
+SEAT = FACT_COLUMN_NAMES.index("seat_number")
+PRICE = FACT_COLUMN_NAMES.index("seat_price")
 
 
 # ---- the T-SQL the writer issues, parsed as T-SQL ----
@@ -46,8 +62,7 @@ ODBC = os.environ.get(
 
 def tsql_statements():
     for table in (FACTS, DEAD_LETTERS):
-        yield insert_statement(table)
-        yield synapse.stage_statement(table, TSQL)
+        yield stage_statement(table, TSQL)
         yield create_staging_statement(table, TSQL)
         yield merge_staging_statement(table, TSQL)
     yield synapse.clear_staging_statement(TSQL)
@@ -60,22 +75,52 @@ def test_every_tsql_statement_parses_as_tsql(statement):
     assert len(parsed) == 1 and parsed[0] is not None
 
 
-def test_inserts_are_single_row_and_parameterised_for_all_20_columns():
-    insert = sqlglot.parse_one(insert_statement(FACTS), read="tsql")
-    assert [c.name for c in insert.this.expressions] == list(FACT_COLUMN_NAMES)
+@pytest.mark.parametrize("table", [FACTS, DEAD_LETTERS], ids=["facts", "dead_letters"])
+def test_staging_inserts_are_single_row_and_parameterised_for_every_column(table):
+    insert = sqlglot.parse_one(stage_statement(table, TSQL), read="tsql")
+    assert [c.name for c in insert.this.expressions] == [c.name for c in table.columns]
+    assert insert.this.expressions[-1].name == "row_key"
     (row,) = insert.expression.expressions  # one VALUES tuple: dedicated pools reject more
-    assert len(row.expressions) == 20
+    assert len(row.expressions) == len(table.columns)
     assert all(isinstance(value, sqlglot.exp.Placeholder) for value in row.expressions)
 
 
-def test_idempotent_insert_checks_the_natural_key_against_the_target():
-    merge = sqlglot.parse_one(merge_staging_statement(FACTS, TSQL), read="tsql")
-    exists = merge.find(sqlglot.exp.Exists)
-    compared = {column.name for column in exists.find_all(sqlglot.exp.Column)}
-    assert compared == set(FACTS.key)
-    staging = sqlglot.parse_one(create_staging_statement(FACTS, TSQL), read="tsql")
+@pytest.mark.parametrize("table", [FACTS, DEAD_LETTERS], ids=["facts", "dead_letters"])
+def test_the_move_keys_on_the_row_key_alone(table):
+    move = sqlglot.parse_one(merge_staging_statement(table, TSQL), read="tsql")
+    assert [c.name for c in move.this.expressions] == [c.name for c in table.columns]
+    exists = move.find(sqlglot.exp.Exists)
+    (comparison,) = list(exists.find_all(sqlglot.exp.EQ))
+    assert {(c.table, c.name) for c in comparison.find_all(sqlglot.exp.Column)} == {
+        ("t", "row_key"),
+        ("s", "row_key"),
+    }
+    assert not list(exists.find_all(sqlglot.exp.Or)) and not list(exists.find_all(sqlglot.exp.Is))
+    (window,) = list(move.find_all(sqlglot.exp.Window))
+    assert [c.name for c in window.args["partition_by"]] == ["row_key"]
+    staging = sqlglot.parse_one(create_staging_statement(table, TSQL), read="tsql")
     name = staging.find(sqlglot.exp.Table).this
     assert name.name == "bms_staging" and name.args["temporary"]  # a #session temp table
+
+
+def test_tables_take_their_columns_from_the_schema_and_the_ddl_matches():
+    assert FACTS.columns == FACT_TABLE_COLUMNS and DEAD_LETTERS.columns == DEAD_LETTER_COLUMNS
+    assert FACTS.key == DEAD_LETTERS.key == ("row_key",)
+    text = DDL.read_text()
+    # sqlglot has no grammar for a dedicated pool's columnstore option
+    text = text.replace(", CLUSTERED COLUMNSTORE INDEX);", ");")
+    created = {
+        statement.this.this.name: statement.this.expressions
+        for statement in sqlglot.parse(text, read="tsql")
+        if isinstance(statement, sqlglot.exp.Create) and statement.kind == "TABLE"
+    }
+    for spec in (FACTS, DEAD_LETTERS):
+        columns = created[spec.name]
+        assert [(c.name, c.args["kind"].sql("tsql")) for c in columns] == [
+            (c.name, sqlglot.exp.DataType.build(c.sql_type, dialect="tsql").sql("tsql"))
+            for c in spec.columns
+        ]
+        assert columns[-1].name == "row_key" and "NOT NULL" in columns[-1].sql("tsql")
 
 
 # ---- pure parts ----
@@ -123,37 +168,110 @@ def test_access_token_is_length_prefixed_utf16le():
 )
 def test_transient_errors_are_told_apart(sqlstate, message, transient):
     pyodbc = pytest.importorskip("pyodbc")
-    assert is_transient(pyodbc.Error(sqlstate, message)) is transient
+    error = pyodbc.Error(sqlstate, message)
+    assert is_transient(error) is transient
+    writer = SynapseWriter(lambda: None, FACTS)
+    assert writer.is_transient(error) is transient
+
+
+@pytest.mark.parametrize(
+    ("kind", "sqlstate", "message", "data"),
+    [
+        ("DataError", "22001", "[22001] ERROR: value too long for type character varying", True),
+        (
+            "DataError",
+            "22003",
+            "[Microsoft][SQL Server]Arithmetic overflow error converting (8115) (SQLExecute)",
+            True,
+        ),
+        (
+            "IntegrityError",
+            "23000",
+            "[Microsoft][SQL Server]Cannot insert the value NULL into column (515) (SQLExecute)",
+            True,
+        ),
+        # a driver that raises its base class still names the SQLSTATE class
+        ("Error", "22007", "[Microsoft][SQL Server]Conversion failed (241) (SQLExecute)", True),
+        ("ProgrammingError", "42S02", "[SQL Server]Invalid object name 'x'. (208)", False),
+        ("OperationalError", "08S01", "[ODBC Driver 18]Communication link failure", False),
+        ("Error", "42000", "[SQL Server]The service is currently busy. (40501)", False),
+    ],
+)
+def test_data_errors_are_told_apart(kind, sqlstate, message, data):
+    pyodbc = pytest.importorskip("pyodbc")
+    error = getattr(pyodbc, kind)(sqlstate, message)
+    assert is_data_error(error) is data
+    assert SynapseWriter(lambda: None, FACTS).is_data_error(error) is data
+
+
+def test_our_own_errors_are_neither_transient_nor_data_errors():
+    writer = SynapseWriter(lambda: None, FACTS)
+    for error in (WarehouseWriteError("08S01 nothing"), UsageError("no Azure token")):
+        assert not writer.is_transient(error) and not writer.is_data_error(error)
 
 
 def test_column_mismatch_messages():
-    assert column_mismatch(FACTS, [n.upper() for n in FACT_COLUMN_NAMES]) is None
+    assert column_mismatch(FACTS, [n.upper() for n in (*FACT_COLUMN_NAMES, "row_key")]) is None
     assert "does not exist; create it with sql/synapse_create_table.sql" in column_mismatch(
         FACTS, []
     )
-    problem = column_mismatch(FACTS, [*FACT_COLUMN_NAMES[:-1], "payment_time_utc"])
+    old = column_mismatch(FACTS, list(FACT_COLUMN_NAMES))  # a table from the earlier DDL
+    assert old == (
+        "table bookymyshow.bookings_fact does not have the expected columns (missing row_key); "
+        "recreate it with sql/synapse_create_table.sql"
+    )
+    problem = column_mismatch(FACTS, [*FACT_COLUMN_NAMES[:-1], "payment_time_utc", "row_key"])
     assert "missing payment_event_time; unexpected payment_time_utc" in problem
+    assert "\n" not in problem
 
 
-def test_targets_from_urls_and_odbc_strings(monkeypatch):
+def test_targets_from_urls_and_odbc_strings():
     target = parse_target("mssql+pyodbc://ws.sql.azuresynapse.net/pool")
-    assert target.dialect == TSQL and target.idempotent
+    assert target == Target(target.connection_string, TSQL)
     assert "Driver={ODBC Driver 18 for SQL Server};Server=tcp:ws.sql.azuresynapse.net;" in (
         target.connection_string
     )
     assert "Database=pool;Encrypt=yes" in target.connection_string
-    plain = parse_target("mssql+pyodbc://bms@ws.sql.azuresynapse.net:1433/pool?idempotent=false")
-    assert (
-        not plain.idempotent
-        and "Server=tcp:ws.sql.azuresynapse.net,1433" in plain.connection_string
-    )
-    assert ";UID=bms" in plain.connection_string
-    assert parse_target(ODBC) == Target(ODBC, POSTGRES, True)
+    assert target.location == "ws.sql.azuresynapse.net/pool"
+    with_port = parse_target("mssql+pyodbc://bms@ws.sql.azuresynapse.net:1433/pool")
+    assert "Server=tcp:ws.sql.azuresynapse.net,1433" in with_port.connection_string
+    assert ";UID=bms" in with_port.connection_string
+    assert parse_target(ODBC) == Target(ODBC, POSTGRES)
     assert "Pwd=***" in repr(parse_target(ODBC))
     with pytest.raises(UsageError, match="SYNAPSE_PASSWORD"):
         parse_target("mssql+pyodbc://bms:secret@ws/pool")
     with pytest.raises(UsageError, match="server and a database"):
         parse_target("mssql+pyodbc://ws.sql.azuresynapse.net")
+    with pytest.raises(UsageError, match="unknown option.*batch"):
+        parse_target("mssql+pyodbc://ws/pool?batch=5")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mssql+pyodbc://ws.sql.azuresynapse.net/pool?idempotent=false",
+        "mssql+pyodbc://ws.sql.azuresynapse.net/pool?driver=X&idempotent=true",
+        "Driver={ODBC Driver 18 for SQL Server};Server=tcp:ws;Database=pool;idempotent=no",
+    ],
+)
+def test_the_removed_idempotent_option_is_refused_in_one_line(url):
+    with pytest.raises(UsageError) as raised:
+        parse_target(url)
+    message = str(raised.value)
+    assert "every write is idempotent now" in message and "remove" in message
+    assert "\n" not in message
+
+
+def test_writer_for_describes_the_target_without_secrets():
+    facts = synapse.writer_for("mssql+pyodbc://bms@ws.sql.azuresynapse.net/pool")
+    assert isinstance(facts, SynapseWriter) and facts.table == FACTS and facts.nul_allowed
+    assert facts.description == "ws.sql.azuresynapse.net/pool table bookymyshow.bookings_fact"
+    letters = synapse.writer_for(ODBC.replace("Pwd=bms", "Pwd=s3cret"), "dead_letters")
+    assert letters.table == DEAD_LETTERS
+    assert letters.description == "127.0.0.1:5432/bms_test table bookymyshow.dead_letters"
+    assert not letters.nul_allowed  # the tests' PostgreSQL: text cannot hold NUL
+    with pytest.raises(ValueError, match="target must be"):
+        synapse.writer_for(ODBC, "bookings")
 
 
 def test_access_token_goes_to_the_driver_before_connecting(monkeypatch):
@@ -208,156 +326,220 @@ def pyodbc():
     try:
         module.connect(ODBC, timeout=5).close()
     except module.Error as error:
-        pytest.skip(f"no PostgreSQL via ODBC ({error.args[0]}); run scripts/setup-services")
+        missing(f"no PostgreSQL via ODBC ({error.args[0]}); run scripts/setup-services")
     return module
 
 
-@pytest.fixture
-def table(pyodbc):
-    """A fresh fact table shaped like the Synapse one, in schema bookymyshow."""
-    spec = FACTS._replace(name=f"facts_{uuid.uuid4().hex[:8]}")
-    columns = ", ".join(
-        f'"{c.name}" {synapse._staging_type(c.sql_type, POSTGRES)}' for c in spec.columns
-    )
+def create_table(pyodbc, spec: TableSpec, *constraints: str) -> None:
+    """A table shaped like the Synapse DDL's: NOT NULL where it says so, and, like Synapse, no
+    unique index on row_key: only the writer keeps the keys unique."""
+    nullable = NULLABLE_FACT_COLUMNS if spec.columns == FACT_TABLE_COLUMNS else frozenset()
+    columns = [
+        f'"{c.name}" {synapse._staging_type(c.sql_type, POSTGRES)}'
+        + ("" if c.name in nullable else " NOT NULL")
+        for c in spec.columns
+    ]
     with pyodbc.connect(ODBC, autocommit=True) as connection:
         connection.execute(f'CREATE SCHEMA IF NOT EXISTS "{spec.schema}"')
-        connection.execute(f"CREATE TABLE {spec.qualified_name} ({columns})")
-    yield spec
+        connection.execute(
+            f"CREATE TABLE {spec.qualified_name} ({', '.join([*columns, *constraints])})"
+        )
+
+
+def drop_table(pyodbc, spec: TableSpec) -> None:
     with pyodbc.connect(ODBC, autocommit=True) as connection:
         connection.execute(f"DROP TABLE IF EXISTS {spec.qualified_name}")
 
 
-def fact(order: int, seat: str = "A1", payment: str | None = "p1") -> tuple:
+@pytest.fixture
+def table(pyodbc):
+    """A fresh fact table in schema bookymyshow."""
+    spec = FACTS._replace(name=f"facts_{uuid.uuid4().hex[:8]}")
+    create_table(pyodbc, spec)
+    yield spec
+    drop_table(pyodbc, spec)
+
+
+def fact(order: int, seat: str | None = "A1", payment: str | None = "p1", key=None) -> tuple:
+    """A fact row of order ``order`` and its row key (seat 0 of booking ``order`` at partition 0,
+    paid by payment ``order`` at partition 1, unless ``key`` says otherwise)."""
     booked = dt.datetime(2026, 2, 8, 10, 30, 0, 123456) + dt.timedelta(seconds=order)
     return (
-        f"o{order}", booked, "c1", "Ana", "ana@example.com", "e1", "Rock Concert", "1 Main St",
+        f"o{order}", booked, "c1", "Zoë", "ana@example.com", "e1", "Rock Concert", "1 Main St",
         seat, 75.5, "Concert", "Sunday", 10, payment, booked + dt.timedelta(seconds=30), 75.5,
         "Credit Card", "Card", booked, booked + dt.timedelta(seconds=30),
+        key or fact_row_key(f"0:{order}:0", f"1:{order}"),
     )  # fmt: skip
 
 
-def rows_in(pyodbc, table) -> list[tuple]:
+def rows_in(pyodbc, spec: TableSpec) -> list[tuple]:
+    """Every row of the table, all its columns, in row key order."""
     with pyodbc.connect(ODBC) as connection:
-        names = ", ".join(f'"{n}"' for n in FACT_COLUMN_NAMES)
-        return sorted(
-            tuple(row) for row in connection.execute(f"SELECT {names} FROM {table.qualified_name}")
-        )
+        names = ", ".join(f'"{c.name}"' for c in spec.columns)
+        rows = connection.execute(f"SELECT {names} FROM {spec.qualified_name}").fetchall()
+    return sorted((tuple(row) for row in rows), key=lambda row: row[-1])
 
 
-def pg_writer(pyodbc, table, **options) -> SynapseWriter:
-    options.setdefault("fast_executemany", False)  # psqlODBC has no parameter arrays
+def by_key(rows) -> list[tuple]:
+    return sorted(rows, key=lambda row: row[-1])
+
+
+def pg_writer(pyodbc, spec: TableSpec, connect=None) -> SynapseWriter:
     return SynapseWriter(
-        lambda: pyodbc.connect(ODBC, autocommit=False), table, dialect=POSTGRES, **options
+        connect or (lambda: pyodbc.connect(ODBC, autocommit=False)),
+        spec,
+        dialect=POSTGRES,
+        fast_executemany=False,  # psqlODBC has no parameter arrays
+        location="127.0.0.1:5432/bms_test",
     )
 
 
-def test_batched_inserts_round_trip_every_value(pyodbc, table):
+def test_batches_round_trip_every_value(pyodbc, table):
     rows = [fact(n) for n in range(25)] + [fact(99, seat=None, payment=None)]
-    writer = pg_writer(pyodbc, table, idempotent=False, batch_size=10)
-    writer.check_table()
-    assert writer.write(rows) == 26
+    writer = pg_writer(pyodbc, table)
+    assert [writer.write_batch(rows[i : i + 10]) for i in range(0, len(rows), 10)] == [10, 10, 6]
+    assert writer.write_batch([]) == 0
     writer.close()
-    assert rows_in(pyodbc, table) == sorted(rows)
+    assert rows_in(pyodbc, table) == by_key(rows)
 
 
-def test_idempotent_mode_writes_each_natural_key_once(pyodbc, table):
-    writer = pg_writer(pyodbc, table, batch_size=4)
-    first = [fact(n) for n in range(6)] + [fact(7, seat=None, payment=None)]
-    assert writer.write(first) == 7
-    replay = [*first[3:], fact(6), fact(6), fact(7, seat=None, payment=None)]
-    assert writer.write(replay) == 1  # only o6, once: duplicates in a batch collapse too
+def test_each_row_key_is_written_once_and_rows_differing_only_in_their_key_all_land(pyodbc, table):
+    # Two seats sold twice at the same price in the same second: equal in all 20 columns, yet
+    # two rows. Keying on the business columns (as the writer once did) kept only one of them.
+    twin_a = fact(1, key=fact_row_key("0:1:0", "1:1"))
+    twin_b = fact(1, key=fact_row_key("0:2:0", "1:2"))
+    assert twin_a[:20] == twin_b[:20] and twin_a != twin_b
+    writer = pg_writer(pyodbc, table)
+    first = [twin_a, twin_b, fact(3), fact(3), fact(4, seat=None, payment=None)]
+    assert writer.write_batch(first) == 4  # the same key twice in one batch: once
+    replay = [twin_b, fact(4, seat=None, payment=None), fact(5), fact(5)]
+    assert writer.write_batch(replay) == 1  # across batches: only o5, once
+    changed = fact(3, seat="Z9")  # a row key the table holds decides, whatever the values
+    assert writer.write_batch([changed]) == 0
     writer.close()
-    assert rows_in(pyodbc, table) == sorted([*first, fact(6)])
-    plain = pg_writer(pyodbc, table, idempotent=False)
-    plain.write([fact(0)])  # without it, a replay duplicates: the test above can fail
-    plain.close()
-    assert len(rows_in(pyodbc, table)) == 9
+    rerun = pg_writer(pyodbc, table)  # a new connection, as a rerun of the job has
+    assert rerun.write_batch([*first, *replay]) == 0
+    rerun.close()
+    assert rows_in(pyodbc, table) == by_key(
+        [twin_a, twin_b, fact(3), fact(4, seat=None, payment=None), fact(5)]
+    )
 
 
-def test_a_dropped_connection_is_retried_on_a_new_one(pyodbc, table):
-    sleeps = []
-    writer = pg_writer(pyodbc, table, sleep=sleeps.append, backoff=0.25)
-    writer.check_table()  # opens the connection the server is about to drop
+def test_dead_letters_are_written_once_per_row_key(pyodbc):
+    spec = DEAD_LETTERS._replace(name=f"dead_{uuid.uuid4().hex[:8]}")
+    create_table(pyodbc, spec)
+    try:
+        event = DeadLetter(
+            "bookingtopic", "3", 42, 1_770_546_600_123_456, b"\x00{", "bad", "bookingtopic:3:42"
+        )
+        again = event._replace(reason="bad, read again")  # same key: the first one stays
+        writer = pg_writer(pyodbc, spec)
+        assert writer.write_batch([dead_letter_row(event)]) == 1
+        assert writer.write_batch([dead_letter_row(again), dead_letter_row(again)]) == 0
+        writer.close()
+        assert rows_in(pyodbc, spec) == [dead_letter_row(event)]
+    finally:
+        drop_table(pyodbc, spec)
+
+
+def backend_of(pyodbc, writer: SynapseWriter) -> int:
     (backend,) = writer._connection.execute("SELECT pg_backend_pid()").fetchone()
     writer._connection.commit()
+    return backend
+
+
+def test_a_dropped_connection_fails_one_attempt_and_the_next_reconnects(pyodbc, table):
+    writer = pg_writer(pyodbc, table)
+    assert writer.write_batch([fact(1)]) == 1
+    backend = backend_of(pyodbc, writer)
     with pyodbc.connect(ODBC, autocommit=True) as admin:
         admin.execute("SELECT pg_terminate_backend(?)", backend)
-    assert writer.write([fact(1), fact(2)]) == 2
+    with pytest.raises(pyodbc.Error) as raised:  # the driver's own error: no retry here
+        writer.write_batch([fact(2)])
+    assert writer.is_transient(raised.value) and not writer.is_data_error(raised.value)
+    assert writer._connection is None  # discarded: the sink's next attempt reconnects
+    assert writer.write_batch([fact(2), fact(1)]) == 1  # a new session, a new temp table
+    assert backend_of(pyodbc, writer) != backend
     writer.close()
-    assert sleeps == [0.25]
     assert rows_in(pyodbc, table) == [fact(1), fact(2)]
 
 
 class Throttled:
     """A real connection whose first statements fail as a throttled Synapse would."""
 
-    def __init__(self, pyodbc, failures: list[tuple[str, str]]):
+    def __init__(self, pyodbc, failures: list):
         self._connection = pyodbc.connect(ODBC, autocommit=False)
-        self._pyodbc = pyodbc
         self._failures = failures
 
     def cursor(self):
         if self._failures:
-            raise self._pyodbc.Error(*self._failures.pop(0))
+            raise self._failures.pop(0)
         return self._connection.cursor()
 
     def __getattr__(self, name):
         return getattr(self._connection, name)
 
+    def __setattr__(self, name, value):
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._connection, name, value)
 
-def test_throttling_and_deadlocks_back_off_then_succeed_or_give_up(pyodbc, table):
-    failures = [
-        ("42000", "[SQL Server]The service is currently busy. (40501) (SQLExecDirectW)"),
-        ("40001", "[SQL Server]Transaction was deadlocked (1205) (SQLExecDirectW)"),
-    ]
-    sleeps = []
-    writer = SynapseWriter(
-        lambda: Throttled(pyodbc, failures),
-        table,
-        dialect=POSTGRES,
-        fast_executemany=False,
-        sleep=sleeps.append,
+
+def test_throttling_is_raised_unchanged_for_the_sink_to_retry(pyodbc, table):
+    busy = pyodbc.Error(
+        "42000", "[SQL Server]The service is currently busy. (40501) (SQLExecDirectW)"
     )
-    assert writer.write([fact(1)]) == 1
-    assert sleeps == [1.0, 2.0]
+    deadlock = pyodbc.Error("40001", "[SQL Server]Transaction was deadlocked (1205) (SQLExec)")
+    failures, connections = [busy, deadlock], []
+
+    def connect():
+        connections.append(Throttled(pyodbc, failures))
+        return connections[-1]
+
+    writer = pg_writer(pyodbc, table, connect)
+    for expected in (busy, deadlock):  # one attempt per call: nothing retried, nothing slept
+        with pytest.raises(pyodbc.Error) as raised:
+            writer.write_batch([fact(1)])
+        assert raised.value is expected and writer.is_transient(raised.value)
+    assert writer.write_batch([fact(1)]) == 1
     writer.close()
-    busy = ("42000", "[SQL Server]The service is currently busy. (40501) (SQLExecDirectW)")
-    always = SynapseWriter(
-        lambda: Throttled(pyodbc, [busy]),
-        table,
-        dialect=POSTGRES,
-        attempts=3,
-        sleep=lambda s: None,
-    )
-    with pytest.raises(WarehouseWriteError, match="after 3 attempts.*throttled.*40501"):
-        always.write([fact(2)])
+    assert len(connections) == 3  # each failure dropped its connection
     assert rows_in(pyodbc, table) == [fact(1)]
 
 
-def test_a_permanent_error_fails_at_once_with_the_server_message(pyodbc, table):
-    sleeps = []
-    writer = pg_writer(pyodbc, table, idempotent=False, sleep=sleeps.append)
-    with pytest.raises(WarehouseWriteError, match="value too long"):
-        writer.write([fact(1, seat="A-VERY-LONG-SEAT")])
-    assert sleeps == []
-    writer.close()
+def test_values_the_server_refuses_are_data_errors(pyodbc):
+    spec = FACTS._replace(name=f"facts_{uuid.uuid4().hex[:8]}")
+    create_table(pyodbc, spec, "CHECK (seat_price < 80)")
+    try:
+        writer = pg_writer(pyodbc, spec)
+        too_long = fact(1, seat="A-VERY-LONG-SEAT")  # NVARCHAR(10); the sink checks this first
+        too_dear = fact(2)[:PRICE] + (99.0,) + fact(2)[PRICE + 1 :]
+        for row, kind in ((too_long, pyodbc.DataError), (too_dear, pyodbc.IntegrityError)):
+            with pytest.raises(kind) as raised:
+                writer.write_batch([fact(0), row])
+            assert writer.is_data_error(raised.value) and not writer.is_transient(raised.value)
+        assert writer.write_batch([fact(0)]) == 1
+        writer.close()
+        assert rows_in(pyodbc, spec) == [fact(0)]  # a refused batch leaves nothing behind
+    finally:
+        drop_table(pyodbc, spec)
 
 
-def test_missing_table_and_column_mismatch_are_one_clear_line(pyodbc, table):
-    missing = pg_writer(pyodbc, table._replace(name="no_such_table"))
-    with pytest.raises(
-        UsageError, match="bookymyshow.no_such_table does not exist.*synapse_create"
-    ):
-        missing.check_table()
+def test_missing_table_and_column_mismatch_are_one_line(pyodbc, table):
+    missing_table = pg_writer(pyodbc, table._replace(name="no_such_table"))
+    with pytest.raises(WarehouseWriteError) as raised:
+        missing_table.write_batch([fact(1)])
+    assert re.fullmatch(r"table bookymyshow.no_such_table does not exist; .*", str(raised.value))
+    assert not missing_table.is_transient(raised.value)
     with pyodbc.connect(ODBC, autocommit=True) as connection:
-        connection.execute(
-            f'ALTER TABLE {table.qualified_name} RENAME COLUMN "payment_type" TO "pay_type"'
-        )
-    with pytest.raises(UsageError, match="missing payment_type; unexpected pay_type"):
-        pg_writer(pyodbc, table).check_table()
+        connection.execute(f'ALTER TABLE {table.qualified_name} DROP COLUMN "row_key"')
+    with pytest.raises(WarehouseWriteError, match=r"\(missing row_key\); recreate it") as raised:
+        pg_writer(pyodbc, table).write_batch([fact(1)])  # a table made by the earlier DDL
+    assert "\n" not in str(raised.value)
 
 
-def test_sql_authentication_from_environment_variables(pyodbc, table, monkeypatch):
+def test_sql_authentication_from_environment_variables(pyodbc, monkeypatch):
     monkeypatch.setenv(synapse.USER_ENV, "bms")
     monkeypatch.setenv(synapse.PASSWORD_ENV, "bms")
     without_secret = ";".join(
@@ -368,37 +550,57 @@ def test_sql_authentication_from_environment_variables(pyodbc, table, monkeypatc
     connection.close()
 
 
-def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, table, monkeypatch):
-    """WriteToWarehouse picks this writer for an ODBC target; Beam runs it for real."""
+def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, monkeypatch):
+    """WriteToWarehouse picks this writer for an ODBC target; Beam runs it for real: each row key
+    once (also on a rerun), rows no target can store and rows the server refuses become dead
+    letters, and the dead letters are written once per key too."""
+    facts = FACTS._replace(name=f"facts_{uuid.uuid4().hex[:8]}")
     letters = DEAD_LETTERS._replace(name=f"dead_{uuid.uuid4().hex[:8]}")
-    columns = ", ".join(
-        f'"{c.name}" {synapse._staging_type(c.sql_type, POSTGRES)}' for c in letters.columns
-    )
-    with pyodbc.connect(ODBC, autocommit=True) as connection:
-        connection.execute(f"CREATE TABLE {letters.qualified_name} ({columns})")
-    monkeypatch.setitem(synapse.TARGETS, "facts", table)
+    create_table(pyodbc, facts, "CHECK (seat_price < 80)")  # only the server knows this rule
+    create_table(pyodbc, letters)
+    monkeypatch.setitem(synapse.TARGETS, "facts", facts)
     monkeypatch.setitem(synapse.TARGETS, "dead_letters", letters)
-    rows = [fact(n) for n in range(30)]
-    letter = DeadLetter("bookingtopic", "3", 42, 1_770_546_600_123_456, b"\x00{", "not JSON")
-    try:
+    good = [fact(n) for n in range(30)]
+    twin = fact(0, key=fact_row_key("0:100:0", "1:100"))  # equal to fact(0) but for its key
+    too_long = fact(40, seat="A-VERY-LONG-SEAT")  # the sink's check: NVARCHAR(10)
+    too_dear = fact(41)[:PRICE] + (99.0,) + fact(41)[PRICE + 1 :]  # the server's CHECK
+    rows = [*good, twin, too_long, too_dear, good[3], good[17]]
+    event = DeadLetter(
+        "bookingtopic", "3", 42, 1_770_546_600_123_456, b"\x00{", "not JSON", "bookingtopic:3:42"
+    )
+
+    def run():
         with TestPipeline(runner="DirectRunner") as pipeline:
-            _ = (
+            refused = (
                 pipeline
                 | "Facts" >> beam.Create(rows)
-                | "W1" >> WriteToWarehouse(ODBC, batch_size=7)
+                | "WriteFacts" >> WriteToWarehouse(ODBC, batch_size=7)
             )
+            events = pipeline | "Events" >> beam.Create([event, event])
             _ = (
-                pipeline
-                | "Letters" >> beam.Create([letter, letter])
-                | "W2" >> WriteToWarehouse(ODBC, "dead_letters")
+                (events, refused)
+                | beam.Flatten()
+                | "WriteLetters" >> WriteToWarehouse(ODBC, "dead_letters", batch_size=2)
             )
-        assert rows_in(pyodbc, table) == sorted(rows)
-        with pyodbc.connect(ODBC) as connection:
-            stored = connection.execute(f"SELECT * FROM {letters.qualified_name}").fetchall()
-        assert [tuple(row) for row in stored] == [synapse.dead_letter_row(letter)]
+
+    try:
+        run()
+        stored = rows_in(pyodbc, facts)
+        assert stored == by_key([*good, twin])
+        stored_letters = {row[-1]: row for row in rows_in(pyodbc, letters)}
+        assert stored_letters.keys() == {event.row_key, too_long[-1], too_dear[-1]}
+        assert stored_letters[event.row_key] == dead_letter_row(event)
+        hub, partition, sequence, _, body, reason, _ = stored_letters[too_long[-1]]
+        assert (hub, partition, sequence) == ("bookingtopic", "0", 40)  # where the seat came from
+        assert decode_fact_row(body) == too_long
+        assert "column seat_number" in reason and "NVARCHAR(10)" in reason
+        assert re.search(r"refused: IntegrityError: .*check", stored_letters[too_dear[-1]][5])
+        run()  # a rerun adds nothing
+        assert rows_in(pyodbc, facts) == stored
+        assert len(rows_in(pyodbc, letters)) == 3
     finally:
-        with pyodbc.connect(ODBC, autocommit=True) as connection:
-            connection.execute(f"DROP TABLE {letters.qualified_name}")
+        drop_table(pyodbc, facts)
+        drop_table(pyodbc, letters)
 
 
 # ---- live: a real Synapse pool ----
@@ -411,16 +613,18 @@ def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, t
     "(and SYNAPSE_USER/SYNAPSE_PASSWORD, or an Azure identity)",
 )
 def test_live_synapse_table_and_idempotent_write():
-    writer = synapse.writer_for(os.environ["SYNAPSE_URL"], batch_size=10)
+    writer = synapse.writer_for(os.environ["SYNAPSE_URL"])
+    marker = ("bms-live-test", *fact(0)[1:20], "bms-live-test")
     try:
-        writer.check_table()
-        marker = ("bms-live-test", *fact(0)[1:])
-        writer.write([marker, marker])  # idempotent: one marker row, however often this runs
-        connection = writer._open()
-        (count,) = connection.execute(
-            'SELECT COUNT(*) FROM "bookymyshow"."bookings_fact" WHERE order_id = ?',
-            "bms-live-test",
-        ).fetchone()
+        # once per row key, however often this runs: the table's columns are checked first
+        writer.write_batch([marker, marker])
+        writer.write_batch([marker])
+        (count,) = writer._run(
+            lambda cursor: cursor.execute(
+                f"SELECT COUNT(*) FROM {writer.table.qualified_name} WHERE row_key = ?",
+                "bms-live-test",
+            ).fetchone()
+        )
         assert count == 1
     finally:
         writer.close()

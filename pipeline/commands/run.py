@@ -25,7 +25,8 @@ from pipeline.io import progress
 from pipeline.io.checkpoints import open_checkpoint_store
 from pipeline.io.hub import checkpoint_scope
 from pipeline.io.lease import LeaseHeld, hold_lease
-from pipeline.io.warehouses import masked_url, open_writer, synapse
+from pipeline.io.warehouses import DEAD_LETTERS, FACTS, masked_url, open_writer, synapse
+from pipeline.io.warehouses.base import WarehouseError, describe_error
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
@@ -102,15 +103,7 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     it at once. Any other job is cancelled by Ctrl-C.
     """
     bms = options.view_as(BmsOptions)
-    try:  # a URL no writer takes fails here, in one line, not on a worker
-        open_writer(bms.warehouse).close()
-    except sa.exc.ArgumentError:
-        raise UsageError(
-            f"--warehouse {bms.warehouse!r} is not a database URL; "
-            "try sqlite:///path/to/warehouse.db"
-        ) from None
-    except ValueError as error:
-        raise UsageError(f"--warehouse: {error}") from None
+    _check_warehouse(bms.warehouse)
     if bms.checkpoints is None:
         return _run_job(options, bms)
     try:  # a store that cannot be configured fails here, in one line, not on a worker
@@ -136,6 +129,33 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
             "drained: another job may have taken them over"
         )
     return result
+
+
+def _check_warehouse(url: str) -> None:
+    """Fails in one line, at launch rather than on a worker, when the warehouse cannot be
+    used: a URL no writer takes, a driver not installed, a database not reachable, a table
+    that cannot enforce row identity. Creates the tables where the writer may."""
+    try:
+        writers = [open_writer(url, target) for target in (FACTS, DEAD_LETTERS)]
+    except sa.exc.ArgumentError:
+        raise UsageError(
+            f"--warehouse {url!r} is not a database URL; try sqlite:///path/to/warehouse.db"
+        ) from None
+    except ValueError as error:
+        raise UsageError(f"--warehouse: {error}") from None
+    for writer in writers:
+        try:
+            writer.prepare()
+        except WarehouseError as error:
+            raise UsageError(str(error)) from None
+        except ImportError as error:
+            raise UsageError(f"--warehouse: {error}") from None
+        except Exception as error:
+            raise RuntimeFailure(
+                f"cannot reach the warehouse {writer.description}: {describe_error(error)}"
+            ) from None
+        finally:
+            writer.close()
 
 
 def _run_job(options: PipelineOptions, bms: BmsOptions) -> beam.runners.runner.PipelineResult:

@@ -4,11 +4,17 @@ Each partition is one element of a Splittable DoFn whose restriction is a range 
 numbers. In bounded mode the range ends at the last sequence number present when the job starts
 (``bms run --bounded`` drains the hub and stops); in unbounded mode it is open-ended and the DoFn
 self-checkpoints (``defer_remainder``) whenever it has caught up, so runners that never ask for a
-split (Flink) still get regular checkpoints. Every event is emitted with its enqueued time as the
-Beam timestamp (ASA's System.Timestamp without TIMESTAMP BY) and a manual watermark estimator per
-partition follows the enqueued times read (minus ``watermark_delay`` when the pipeline re-times
-events from their payloads, see ``pipeline.event_time``); an idle partition moves its watermark
-toward wall-clock time minus ``idle_allowance`` so windows still close while it receives nothing.
+split (Flink) still get regular checkpoints. A runner may also split the open range anywhere
+(``try_split(0.5)`` leaves ``[start, about 2**62)``): whether a read is open-ended is the
+element's (``PartitionRange.stop is None``), never the restriction's, so every piece of an open
+range keeps polling when caught up and ends only on a drain. While the warehouse is unavailable
+(``pipeline.io.progress.pause_reading``) partitions read nothing and hold their watermarks.
+
+Every event is emitted with its enqueued time as the Beam timestamp (ASA's System.Timestamp
+without TIMESTAMP BY) and a manual watermark estimator per partition follows the enqueued times
+read (minus ``watermark_delay`` when the pipeline re-times events from their payloads, see
+``pipeline.event_time``); an idle partition moves its watermark toward wall-clock time minus
+``idle_allowance`` so windows still close while it receives nothing.
 
 Why a Splittable DoFn rather than Python's ``UnboundedSource``: the SDF is the portable API that
 Prism, Flink and Dataflow all execute through the Fn API, it runs bounded on the in-process
@@ -18,6 +24,7 @@ runner unchanged, and checkpoints, splits and watermarks are explicit in our cod
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from typing import NamedTuple
@@ -32,7 +39,7 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
 from pipeline.io.hub import checkpoint_scope, open_hub
 from pipeline.io.positions import StartPosition, first_sequence_number
-from pipeline.io.progress import PositionMark, drain_requested
+from pipeline.io.progress import PositionMark, drain_requested, reading_paused
 from pipeline.schema import HubEvent
 
 _OPEN_END = sys.maxsize
@@ -42,6 +49,10 @@ POSITIONS = "positions"
 #: this length, so a long read call still leaves positions to commit along the way.
 MARK_INTERVAL_MICROS = 10_000_000
 EARLIEST_START = StartPosition.earliest()
+#: How long (s) reads may keep returning nothing from events a bounded range's partition still
+#: reports holding before the job fails.
+READ_ANOMALY_TIMEOUT = 300.0
+_LOG = logging.getLogger(__name__)
 
 
 class PartitionRange(NamedTuple):
@@ -97,7 +108,8 @@ class _SequenceRangeProvider(RestrictionProvider):
 
     def truncate(self, element: PartitionRange, restriction: OffsetRange) -> OffsetRange | None:
         # On drain, an unbounded partition stops where it is; a bounded one finishes its range.
-        return None if restriction.stop == _OPEN_END else restriction
+        # The element says which: a split piece of an open range has a finite stop.
+        return None if element.stop is None else restriction
 
 
 _TRACKER_PARAM = beam.DoFn.RestrictionParam(_SequenceRangeProvider())
@@ -118,15 +130,21 @@ class _ReadPartitionFn(beam.DoFn):
     ):
         self._hub_url = hub_url
         self._batch_size = batch_size
+        self._poll_seconds = poll_interval
         self._poll_interval = Duration.of(poll_interval)
         self._idle_allowance_micros = int(idle_allowance * 1_000_000)
         self._watermark_delay_micros = int(watermark_delay * 1_000_000)
         self._max_batches_per_call = max_batches_per_call
         self._client = None
+        # (hub, partition, position) -> when a read there first returned nothing by accident.
+        self._read_anomalies: dict[tuple[str, str, int], float] = {}
+        # (hub, partition) -> (a sequence number its next event has at least, when last asked).
+        self._known_ends: dict[tuple[str, str], tuple[int, float]] = {}
 
     def setup(self):
         self._client = open_hub(self._hub_url)
         self._events_read = Metrics.counter("bms", "events_read")
+        self._events_expired = Metrics.counter("bms", "events_expired")
 
     def teardown(self):
         if self._client is not None:
@@ -138,19 +156,48 @@ class _ReadPartitionFn(beam.DoFn):
         tracker=_TRACKER_PARAM,
         watermark=_WATERMARK_PARAM,
     ):
+        # Whether the read is open-ended is the element's: a runner may split the open range
+        # [start, sys.maxsize) anywhere, leaving pieces with an ordinary-looking stop.
+        open_ended = element.stop is None
         restriction = tracker.current_restriction()
         position = restriction.start
-        last = None
-        next_mark_at = MIN_TIMESTAMP.micros  # marks at least every MARK_INTERVAL of event time
-        if restriction.stop == _OPEN_END and drain_requested():
-            tracker.try_claim(_OPEN_END)  # ends the open range: nothing more will be claimed
+        if position >= restriction.stop:
+            return  # an empty piece, left by a split at its start
+        if open_ended and drain_requested():
+            # Ends this piece, whatever its stop: nothing before the stop will be claimed.
+            tracker.try_claim(restriction.stop)
             yield _mark(element, position - 1, _watermark_micros(watermark), final=True)
             return
-        for _ in range(self._max_batches_per_call):
-            limit = min(self._batch_size, restriction.stop - position)
-            events = self._client.read(element.hub, element.partition, position, limit)
-            if not events:
+        if reading_paused():
+            # The warehouse is unavailable: read nothing, and hold the watermark, until its
+            # writer resumes reading or gives up and fails the job (pipeline.io.progress).
+            self._retry_later(tracker, open_ended)
+            return
+        last = None
+        next_mark_at = MIN_TIMESTAMP.micros  # marks at least every MARK_INTERVAL of event time
+        # A piece split off the open range far ahead has nothing to read until the partition
+        # reaches it; not reading spares the other pieces' readers (Event Hubs keeps one open).
+        caught_up = open_ended and self._beyond_end(element, position)
+        for _ in range(0 if caught_up else self._max_batches_per_call):
+            stop = tracker.current_restriction().stop  # the runner may split while we read
+            if position >= stop or reading_paused():  # paused: the next call waits
                 break
+            events = self._client.read(
+                element.hub, element.partition, position, min(self._batch_size, stop - position)
+            )
+            if events and events[0].sequence_number < position:
+                # Not what a HubClient should return, but a piece starting beyond the end of
+                # the partition would claim them outside its range.
+                events = [event for event in events if event.sequence_number >= position]
+            if not events:
+                caught_up = True
+                break
+            if events[0].sequence_number > position:  # sequence numbers have no gaps
+                if not open_ended:
+                    caught_up = True  # the range's events from `position` are missing
+                    break
+                self._report_expired(element, position, events[0].sequence_number)
+            self._read_anomalies.pop((element.hub, element.partition, position), None)
             for event in events:
                 if not tracker.try_claim(event.sequence_number):
                     yield from _marks(element, last)
@@ -163,31 +210,121 @@ class _ReadPartitionFn(beam.DoFn):
                 last = event
             self._events_read.inc(len(events))
             position = events[-1].sequence_number + 1
+            self._saw_end(element, position)
             _advance(watermark, events[-1].enqueued_time - self._watermark_delay_micros)
-            if position >= restriction.stop:
-                yield from _marks(element, last)
+        yield from _marks(element, last)
+        if position >= tracker.current_restriction().stop:  # this piece is read
+            if not open_ended and position >= element.stop:  # and so is the partition
                 yield _mark(element, position - 1, _watermark_micros(watermark), final=True)
-                return
-        else:
-            yield from _marks(element, last)
+            return
+        if not caught_up:
             tracker.defer_remainder()  # more to read: give the runner a checkpoint
             return
-        yield from _marks(element, last)
-        if restriction.stop != _OPEN_END:
-            raise RuntimeError(
-                f"hub {element.hub!r} partition {element.partition} has no events from sequence "
-                f"number {position} although its range ends at {restriction.stop}: were they "
-                "deleted (retention) while the job ran?"
-            )
+        if not open_ended:
+            # A bounded range ends where the partition ended at job start: events are missing.
+            self._check_still_held(element, position)
+            self._retry_later(tracker, open_ended)
+            return
         idle_since = time.time_ns() // 1_000 - self._idle_allowance_micros
         previous = _watermark_micros(watermark)
         if _advance(watermark, idle_since - self._watermark_delay_micros):
             current = _watermark_micros(watermark)
-            if current // MARK_INTERVAL_MICROS != previous // MARK_INTERVAL_MICROS:
+            if current // MARK_INTERVAL_MICROS != previous // MARK_INTERVAL_MICROS and (
+                self._ends_at(element, position)
+            ):
                 # Caught up: everything before `position` is read, and the partition's time
                 # moves on; commits must know it, or they would stop at its last event.
                 yield _mark(element, position - 1, current)
         tracker.defer_remainder(self._poll_interval)
+
+    def _retry_later(self, tracker, open_ended: bool) -> None:
+        """Checkpoints the rest of this piece, to be read again after the poll interval.
+
+        The in-process runner resumes a bounded read at once, whatever the delay: this waits the
+        interval here instead, so a bounded read that must wait does not spin.
+        """
+        if not open_ended:
+            time.sleep(self._poll_seconds)
+        tracker.defer_remainder(self._poll_interval)
+
+    def _beyond_end(self, element: PartitionRange, position: int) -> bool:
+        """Whether ``position`` lies past the sequence number the partition's next event will
+        have; asks the hub at most once a second."""
+        key = (element.hub, element.partition)
+        end, asked_at = self._known_ends.get(key, (-1, -1e9))
+        if position <= end:
+            return False
+        if time.monotonic() - asked_at >= 1.0:
+            properties = self._client.partition_properties(element.hub, element.partition)
+            end = max(end, properties.last_sequence_number + 1)
+            self._known_ends[key] = (end, time.monotonic())
+        return position > end
+
+    def _saw_end(self, element: PartitionRange, position: int) -> None:
+        """Notes that the partition's events reach ``position`` (exclusive) at least."""
+        key = (element.hub, element.partition)
+        end, asked_at = self._known_ends.get(key, (-1, -1e9))
+        if position > end:
+            self._known_ends[key] = (position, asked_at)
+
+    def _ends_at(self, element: PartitionRange, position: int) -> bool:
+        """Whether the partition's last event is the one before ``position``: a caught-up piece
+        may start beyond the partition's end (the rest of a split of the open range), and its
+        position then says nothing of what was read."""
+        properties = self._client.partition_properties(element.hub, element.partition)
+        return properties.last_sequence_number == position - 1
+
+    def _report_expired(self, element: PartitionRange, position: int, found: int) -> None:
+        """An open read fell behind retention: events ``position..found - 1`` are lost. Failing
+        would not bring them back, and a restart would fail again at once; so it goes on."""
+        self._events_expired.inc(found - position)
+        _LOG.warning(
+            "partition %s of hub %r: reading from sequence number %d returned events from %d: "
+            "events %d..%d expired (retention) before they were read",
+            element.partition,
+            element.hub,
+            position,
+            found,
+            position,
+            found - 1,
+        )
+
+    def _check_still_held(self, element: PartitionRange, position: int) -> None:
+        """Raises if the partition no longer holds the events of its bounded range from
+        ``position`` on; if it still does, a read returned nothing by accident, and it is retried
+        (for up to ``READ_ANOMALY_TIMEOUT`` seconds)."""
+        properties = self._client.partition_properties(element.hub, element.partition)
+        first, last = properties.first_sequence_number, properties.last_sequence_number
+        where = f"partition {element.partition} of hub {element.hub!r}"
+        if first > position:
+            raise RuntimeError(
+                f"{where} now starts at sequence number {first}, after {position}: events "
+                f"{position}..{first - 1} expired (retention) before they were read"
+            )
+        if last < position:
+            holds = "holds no events" if last < first else f"ends at sequence number {last}"
+            raise RuntimeError(
+                f"{where} now {holds}, although it held events up to {element.stop - 1} when "
+                f"the run started: events {position}..{element.stop - 1} were deleted before "
+                "they were read"
+            )
+        key = (element.hub, element.partition, position)
+        now = time.monotonic()
+        since = self._read_anomalies.setdefault(key, now)
+        if since == now:
+            _LOG.warning(
+                "%s holds sequence numbers %d..%d, but reading from %d returned no events: "
+                "reading again",
+                where,
+                first,
+                last,
+                position,
+            )
+        elif now - since > READ_ANOMALY_TIMEOUT:
+            raise RuntimeError(
+                f"{where} holds sequence numbers {first}..{last}, but reading from {position} "
+                f"returned no events for {now - since:.0f} s"
+            )
 
 
 class _ReadPartitionUnboundedFn(_ReadPartitionFn):

@@ -63,6 +63,12 @@ class WarehouseWriter(Protocol):
     #: Whether the target's text columns can hold the NUL character (PostgreSQL's cannot).
     nul_allowed: bool
 
+    def prepare(self) -> None:
+        """Connects, and creates the table where the writer may (or checks it where it may not).
+        Raises ``WarehouseWriteError`` in one line if the table cannot be used; the driver's
+        error if the database cannot be reached. ``write_batch`` prepares when not yet done."""
+        ...
+
     def write_batch(self, rows: Sequence[tuple]) -> int:
         """Inserts the rows whose row key the table lacks, in one transaction; returns how many
         it inserted. Raises the driver's error, unchanged, when it fails."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import apache_beam as beam
 import tenacity
@@ -51,6 +52,7 @@ __all__ = ["DEFAULT_RETRY_DEADLINE_SECONDS", "WriteRows"]
 
 DEFAULT_RETRY_DEADLINE_SECONDS = 600.0
 _LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class _WriteRowsFn(beam.DoFn):
@@ -84,6 +86,8 @@ class _WriteRowsFn(beam.DoFn):
             before_sleep=self._waiting,
             reraise=True,
         )
+        # The tables exist from the start, even for a job that writes no row.
+        self._with_retries(self._writer.prepare)
 
     def start_bundle(self):
         self._buffer: list[WindowedValue] = []
@@ -130,10 +134,13 @@ class _WriteRowsFn(beam.DoFn):
         self._present.inc(len(batch) - written)
 
     def _insert(self, rows: list[tuple]) -> int:
-        """One batch through the retry policy (module doc, 3)."""
+        return self._with_retries(self._writer.write_batch, rows)
+
+    def _with_retries(self, work: Callable[..., T], *args) -> T:
+        """``work`` through the retry policy (module doc, 3)."""
         started = time.monotonic()
         try:
-            return self._retrying(self._writer.write_batch, rows)
+            return self._retrying(work, *args)
         except Exception as error:
             if self._writer.is_transient(error):
                 raise WarehouseUnavailable(

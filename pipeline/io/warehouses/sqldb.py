@@ -16,6 +16,7 @@ import datetime as dt
 import re
 import uuid
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -134,6 +135,18 @@ def create_tables(engine: sa.Engine, fact_table: str = FACT_TABLE) -> tuple[sa.T
     return facts, dead_letters
 
 
+def _missing_sqlite_folder(url: str) -> Path | None:
+    """The folder a SQLite warehouse file would be in, if it does not exist. The default
+    warehouse's folder (``.bms``) is the only one made without asking."""
+    parsed = sa.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    folder = Path(parsed.database).parent
+    if url == DEFAULT_WAREHOUSE_URL:
+        folder.mkdir(parents=True, exist_ok=True)
+    return None if folder.is_dir() else folder
+
+
 def _masked(engine: sa.Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
@@ -163,8 +176,14 @@ class SqlAlchemyWriter:
         self._engine: sa.Engine | None = None
         self._statement = None
 
-    def _prepare(self) -> None:
+    def prepare(self) -> None:
         if self._engine is None:
+            folder = _missing_sqlite_folder(self._url)
+            if folder is not None:
+                raise WarehouseWriteError(
+                    f"no folder {folder} for the SQLite warehouse {self._url}: create it, or "
+                    "give --warehouse a path in an existing folder"
+                )
             self._engine = create_engine(self._url)
         facts, dead_letters = create_tables(self._engine, self._fact_table)
         table = facts if self._target == FACTS else dead_letters
@@ -177,7 +196,7 @@ class SqlAlchemyWriter:
 
     def write_batch(self, rows: Sequence[tuple]) -> int:
         if self._statement is None:
-            self._prepare()
+            self.prepare()
         records = [dict(zip(self._names, row, strict=True)) for row in rows]
         with self._engine.begin() as connection:
             return len(connection.execute(self._statement, records).all())

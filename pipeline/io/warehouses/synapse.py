@@ -1,4 +1,5 @@
-"""Writing fact rows and dead letters to Azure Synapse (dedicated SQL pool) or SQL Server, pyodbc.
+"""Azure Synapse (dedicated SQL pool) or SQL Server through pyodbc: ``SynapseWriter``, a
+``base.WarehouseWriter``.
 
 Setup (see the README's Azure section): Microsoft ODBC Driver 18 for SQL Server and unixODBC on
 the workers, the tables from ``sql/synapse_create_table.sql``, and an identity allowed to SELECT
@@ -6,8 +7,9 @@ and INSERT.
 
 The target is either
   - ``mssql+pyodbc://SERVER/DATABASE`` (e.g. ``WORKSPACE.sql.azuresynapse.net/POOL``), optionally
-    ``?driver=...`` and ``&idempotent=false``; or
+    ``?driver=...``; or
   - an ODBC connection string, ``Driver={ODBC Driver 18 for SQL Server};Server=...;Database=...``.
+Either one still carrying ``idempotent=...`` is refused: every write is idempotent now.
 
 Authentication: SQL authentication when the connection string carries ``UID``/``PWD`` or the
 environment variables ``SYNAPSE_USER``/``SYNAPSE_PASSWORD`` are set (never a flag or a URL
@@ -16,19 +18,30 @@ password); otherwise an Entra ID access token from azure-identity's ``DefaultAzu
 the ``SQL_COPT_SS_ACCESS_TOKEN`` attribute in the layout the driver expects: a 4-byte
 little-endian length followed by the token in UTF-16-LE.
 
-Writes. Dedicated pools reject multi-row ``INSERT ... VALUES``, so rows go in as one
-parameterised single-row INSERT run by ``executemany`` (``fast_executemany`` with Microsoft's
-driver: one round trip per batch), one transaction per batch. Transient failures (dropped
-connection, deadlock victim 1205, throttling 40501/40613/49918...) reconnect and retry the batch
-with exponential backoff; anything else fails at once with the server's message.
+Writes. Every row carries its row key (``pipeline.schema.ROW_KEY``, the last column), and the
+table must hold each key at most once, however often a batch is replayed or retried. Synapse
+enforces no unique index or constraint, and dedicated pools restrict MERGE (hash-distributed
+targets only, no OUTPUT, a history of limitations), so each batch goes to a session temp table
+and then one ``INSERT ... SELECT ... WHERE NOT EXISTS`` moves the staged rows whose row key the
+table lacks (a key staged twice goes in once, by ``ROW_NUMBER``). Staging and moving are the
+batch's one transaction; the temp table is created, or emptied, just before it, outside any
+transaction, because dedicated pools refuse DDL inside one. Dedicated pools also reject
+multi-row ``INSERT ... VALUES``, so rows are staged by one parameterised single-row INSERT run
+by ``executemany`` (``fast_executemany`` with Microsoft's driver: one round trip per batch).
+The same statements run on every dedicated pool, on SQL Server and, with a different temp-table
+declaration only, on PostgreSQL, which is how the tests run this code for real through an ODBC
+driver. The check and the insert are one statement, not a lock: two writers moving the same new
+key at the very same moment could both insert it. Within a job a retry follows the attempt it
+repeats, and the checkpoint lease (``pipeline.io.lease``) keeps two jobs off one set of
+checkpoints, so only jobs sharing a table but not their checkpoints could race.
 
-Idempotent mode (the default): a replay after a failure must not duplicate rows. MERGE would do,
-but dedicated pools restrict it (hash-distributed targets only, no OUTPUT, a history of
-limitations), so each batch goes to a session temp table and then ``INSERT ... SELECT ... WHERE
-NOT EXISTS`` on the row's natural key moves only the rows the table lacks (duplicates within
-the batch collapse by ``ROW_NUMBER``). The same statements run on every dedicated pool, on
-SQL Server and, with a different temp-table declaration only, on PostgreSQL, which is how the
-tests run this code for real through an ODBC driver.
+Failures. The writer makes one attempt per batch: on any error it drops its connection (the
+next attempt connects afresh) and re-raises the driver's error unchanged. The sink
+(``sink.py``) decides what happens next, as for every target: it retries what ``is_transient``
+recognises (dropped connection, deadlock victim 1205, throttling 40501/40613/49918...) with
+exponential backoff and jitter (tenacity) until its retry deadline, halves batches the server
+refuses for their data (``is_data_error``: SQLSTATE classes 22 and 23) down to the refused rows,
+and stops the job on anything else with the server's first line.
 """
 
 from __future__ import annotations
@@ -37,26 +50,22 @@ import contextlib
 import os
 import re
 import struct
-import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import apache_beam as beam
-from apache_beam.metrics import Metrics
-
 from pipeline.errors import UsageError
 from pipeline.io.azure import connection_string_settings, default_credential
+from pipeline.io.warehouses import base
+from pipeline.io.warehouses.base import WarehouseError, WarehouseWriteError
 from pipeline.schema import (
-    DEAD_LETTER_KEY,
+    DEAD_LETTER_COLUMNS,
     DEAD_LETTER_TABLE,
-    FACT_COLUMNS,
-    FACT_KEY,
     FACT_SCHEMA,
     FACT_TABLE,
+    FACT_TABLE_COLUMNS,
+    ROW_KEY,
     Column,
-    DeadLetter,
-    micros_to_datetime,
 )
 
 USER_ENV = "SYNAPSE_USER"
@@ -73,10 +82,14 @@ INSTALL_HINT = (
     "installing-the-microsoft-odbc-driver-for-sql-server), "
     "then pip install -e '.[synapse]' in the bms checkout"
 )
+IDEMPOTENT_REMOVED = (
+    "every write is idempotent now (each row key is inserted at most once): remove "
+    "idempotent=... from the warehouse URL or ODBC connection string"
+)
 
 
 class TableSpec(NamedTuple):
-    """A target table: its columns in DDL order and the natural key that identifies a row."""
+    """A target table: its columns in DDL order and the key that identifies a row."""
 
     schema: str
     name: str
@@ -88,26 +101,9 @@ class TableSpec(NamedTuple):
         return f'"{self.schema}"."{self.name}"'
 
 
-FACTS = TableSpec(
-    FACT_SCHEMA,
-    FACT_TABLE,
-    FACT_COLUMNS,
-    FACT_KEY,
-)
-DEAD_LETTERS = TableSpec(
-    FACT_SCHEMA,
-    DEAD_LETTER_TABLE,
-    (
-        Column("hub", "NVARCHAR(50)"),
-        Column("partition", "NVARCHAR(10)"),
-        Column("sequence_number", "BIGINT"),
-        Column("enqueued_time", "DATETIME2"),
-        Column("body", "VARBINARY(MAX)"),
-        Column("reason", "NVARCHAR(4000)"),
-    ),
-    DEAD_LETTER_KEY,
-)
-TARGETS = {"facts": FACTS, "dead_letters": DEAD_LETTERS}
+FACTS = TableSpec(FACT_SCHEMA, FACT_TABLE, FACT_TABLE_COLUMNS, (ROW_KEY.name,))
+DEAD_LETTERS = TableSpec(FACT_SCHEMA, DEAD_LETTER_TABLE, DEAD_LETTER_COLUMNS, (ROW_KEY.name,))
+TARGETS = {base.FACTS: FACTS, base.DEAD_LETTERS: DEAD_LETTERS}
 
 
 # ---- statements (pure: the T-SQL ones are parsed by sqlglot in the tests) ----
@@ -127,11 +123,6 @@ def _names(table: TableSpec, prefix: str = "") -> str:
 
 def _placeholders(table: TableSpec) -> str:
     return ", ".join("?" for _ in table.columns)
-
-
-def insert_statement(table: TableSpec) -> str:
-    """The single-row parameterised INSERT that executemany repeats."""
-    return f"INSERT INTO {table.qualified_name} ({_names(table)}) VALUES ({_placeholders(table)})"
 
 
 def columns_query() -> str:
@@ -163,6 +154,7 @@ def create_staging_statement(table: TableSpec, dialect: str) -> str:
 
 
 def stage_statement(table: TableSpec, dialect: str) -> str:
+    """The single-row parameterised INSERT into the temp table that executemany repeats."""
     return f"INSERT INTO {_STAGING[dialect]} ({_names(table)}) VALUES ({_placeholders(table)})"
 
 
@@ -171,11 +163,8 @@ def clear_staging_statement(dialect: str) -> str:
 
 
 def merge_staging_statement(table: TableSpec, dialect: str) -> str:
-    """Moves the staged rows the target lacks, by natural key (NULL equals NULL), into it."""
-    same_key = " AND ".join(
-        f'(t."{name}" = s."{name}" OR (t."{name}" IS NULL AND s."{name}" IS NULL))'
-        for name in table.key
-    )
+    """Moves the staged rows whose key (the row key) the target lacks into it, each key once."""
+    same_key = " AND ".join(f't."{name}" = s."{name}"' for name in table.key)
     key = ", ".join(f'"{name}"' for name in table.key)
     return (
         f"INSERT INTO {table.qualified_name} ({_names(table)}) "
@@ -217,14 +206,22 @@ def column_mismatch(table: TableSpec, actual: Sequence[str]) -> str | None:
 
 class Target(NamedTuple):
     """How to reach the database: an ODBC connection string (without secrets from the
-    environment, which are added at connect time), the dialect, and the write mode."""
+    environment, which are added at connect time) and the dialect."""
 
     connection_string: str
     dialect: str = TSQL
-    idempotent: bool = True
 
     def __repr__(self) -> str:  # never show a password
-        return f"Target({_redact(self.connection_string)!r}, {self.dialect!r}, {self.idempotent})"
+        return f"Target({_redact(self.connection_string)!r}, {self.dialect!r})"
+
+    @property
+    def location(self) -> str:
+        """``SERVER/DATABASE`` from the connection string, fit to print (no credentials)."""
+        settings = connection_string_settings(self.connection_string)
+        server = settings.get("server", "").removeprefix("tcp:")
+        if settings.get("port"):
+            server += f":{settings['port']}"
+        return f"{server or '?'}/{settings.get('database', '?')}"
 
 
 def is_odbc_target(url: str) -> bool:
@@ -239,12 +236,15 @@ def _redact(connection_string: str) -> str:
 
 
 def parse_target(url: str) -> Target:
-    """A ``Target`` from ``mssql+pyodbc://SERVER/DATABASE[?driver=..&idempotent=..]`` or an
-    ODBC connection string (see the module docstring)."""
+    """A ``Target`` from ``mssql+pyodbc://SERVER/DATABASE[?driver=...]`` or an ODBC connection
+    string (see the module docstring)."""
     if not is_odbc_target(url):
         raise UsageError(f"not a SQL Server/Synapse target: {url!r}")
     if not url.startswith("mssql"):
-        driver = connection_string_settings(url).get("driver", "").strip("{}")
+        settings = connection_string_settings(url)
+        if "idempotent" in settings:
+            raise UsageError(IDEMPOTENT_REMOVED)
+        driver = settings.get("driver", "").strip("{}")
         dialect = POSTGRES if "postgres" in driver.lower() else TSQL
         return Target(url, dialect)
     parts = urlsplit(url)
@@ -253,7 +253,9 @@ def parse_target(url: str) -> Target:
             f"put the password in {PASSWORD_ENV} (and the user in {USER_ENV}), not in the URL"
         )
     query = {key: values[-1] for key, values in parse_qs(parts.query).items()}
-    unknown = set(query) - {"driver", "idempotent"}
+    if "idempotent" in query:
+        raise UsageError(IDEMPOTENT_REMOVED)
+    unknown = set(query) - {"driver"}
     if unknown:
         raise UsageError(f"unknown option(s) {', '.join(sorted(unknown))} in the warehouse URL")
     if not parts.hostname or not parts.path.strip("/"):
@@ -268,8 +270,7 @@ def parse_target(url: str) -> Target:
     )
     if parts.username:
         connection_string += f";UID={unquote(parts.username)}"
-    idempotent = query.get("idempotent", "true").lower() not in ("false", "0", "no")
-    return Target(connection_string, TSQL, idempotent)
+    return Target(connection_string, TSQL)
 
 
 def access_token_attribute(token: str) -> bytes:
@@ -323,7 +324,7 @@ def connect(target: Target, credential: Any = None) -> Any:
     return pyodbc.connect(connection_string, attrs_before=attributes or None, autocommit=False)
 
 
-# ---- retries ----
+# ---- telling errors apart ----
 
 _TRANSIENT_SQLSTATES = {
     "08S01",  # communication link failure (connection dropped)
@@ -356,35 +357,62 @@ _TRANSIENT_ERRORS = {
 _NATIVE_ERROR = re.compile(r"\((\d+)\)\s*\(SQL\w+\)")
 
 
+def _sqlstate(error: BaseException) -> str:
+    # pyodbc errors carry the SQLSTATE first and the driver's message second.
+    args = getattr(error, "args", ())
+    return args[0] if len(args) > 1 and isinstance(args[0], str) else ""
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether a database error is worth retrying: a dropped connection, deadlock or throttling.
 
     pyodbc errors carry the SQLSTATE first and the driver's message (ending in the native error
     number, e.g. ``... (1205) (SQLExecDirectW)``) second."""
-    args = getattr(error, "args", ())
-    sqlstate = args[0] if args and isinstance(args[0], str) else ""
+    if isinstance(error, WarehouseError | UsageError):
+        return False  # ours: a missing table, driver or credential waits for nobody
+    sqlstate = _sqlstate(error)
     if sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08"):
         return True
-    message = " ".join(str(arg) for arg in args[1:])
+    message = " ".join(str(arg) for arg in getattr(error, "args", ())[1:])
     return any(int(code) in _TRANSIENT_ERRORS for code in _NATIVE_ERROR.findall(message))
 
 
-class WarehouseWriteError(RuntimeError):
-    """Rows could not be written (after retrying what is worth retrying)."""
+def is_data_error(error: BaseException) -> bool:
+    """Whether the server refused the rows' values (SQLSTATE class 22, data exception: too long,
+    out of range...; class 23, integrity constraint violation), so other rows may well go in."""
+    pyodbc = _loaded_pyodbc()
+    if pyodbc is not None and isinstance(error, pyodbc.DataError | pyodbc.IntegrityError):
+        return True
+    return _sqlstate(error)[:2] in ("22", "23")
+
+
+def _loaded_pyodbc() -> Any:
+    with contextlib.suppress(ImportError):
+        import pyodbc
+
+        return pyodbc
+    return None
+
+
+# ---- the writer ----
 
 
 class SynapseWriter:
-    """Writes rows of one table in batches; reconnects and retries transient failures.
+    """A ``base.WarehouseWriter`` for one table of Synapse or SQL Server (see the module doc).
+
+    The connection is opened at the first write, and the table's columns are checked then, so a
+    server that is down when the job starts is waited out like any outage.
 
     Args:
       connect: opens a new DB-API connection (autocommit off).
       table: the target table.
       dialect: ``tsql`` (Synapse, SQL Server) or ``postgres`` (the tests' real server).
-      idempotent: insert only rows whose natural key the table lacks.
-      batch_size: rows per transaction.
-      attempts, backoff, max_backoff: retry policy for transient failures (seconds, doubling).
       fast_executemany: pyodbc's array binding (Microsoft's driver).
+      location: where the table is, for messages (``SERVER/DATABASE``; never credentials).
     """
+
+    #: NVARCHAR holds the NUL character (only the tests' PostgreSQL cannot, see __init__).
+    nul_allowed = True
 
     def __init__(
         self,
@@ -392,113 +420,93 @@ class SynapseWriter:
         table: TableSpec = FACTS,
         *,
         dialect: str = TSQL,
-        idempotent: bool = True,
-        batch_size: int = 1000,
-        attempts: int = 6,
-        backoff: float = 1.0,
-        max_backoff: float = 30.0,
         fast_executemany: bool = True,
-        sleep: Callable[[float], None] = time.sleep,
+        location: str = "",
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
         if dialect not in _STAGING:
             raise ValueError(f"dialect must be {TSQL!r} or {POSTGRES!r}, got {dialect!r}")
         self._connect = connect
         self.table = table
         self._dialect = dialect
-        self._idempotent = idempotent
-        self.batch_size = batch_size
-        self._attempts = attempts
-        self._backoff = backoff
-        self._max_backoff = max_backoff
         self._fast_executemany = fast_executemany
-        self._sleep = sleep
+        where = f"{location} " if location else ""
+        self.description = f"{where}table {table.schema}.{table.name}"
+        if dialect == POSTGRES:
+            # PostgreSQL text cannot hold NUL, and psqlODBC silently cuts a value at one.
+            self.nul_allowed = False
         self._connection = None
         self._staging_ready = False
+        self._table_checked = False
 
-    def _open(self) -> Any:
-        if self._connection is None:
-            self._connection = self._connect()
-            self._staging_ready = False
-        return self._connection
+    def _run(self, work: Callable[[Any], Any], *, in_transaction: bool = True) -> Any:
+        """Runs ``work(cursor)`` on the (possibly new) connection, as one transaction or, for the
+        temp table's DDL, in autocommit mode. On any error the connection is dropped, so the
+        next call connects afresh, and the error is raised unchanged."""
+        try:
+            if self._connection is None:
+                self._connection = self._connect()
+                self._staging_ready = False
+            connection = self._connection
+            if not in_transaction:
+                connection.autocommit = True
+            cursor = connection.cursor()
+            try:
+                result = work(cursor)
+            finally:
+                cursor.close()
+            if in_transaction:
+                connection.commit()
+            else:
+                connection.autocommit = False
+            return result
+        except BaseException:
+            self._discard_connection()
+            raise
 
-    def check_table(self) -> None:
-        """Fails with one clear line if the table is missing or its columns differ."""
-        rows = self._with_retry(
-            "read the table's columns",
+    def prepare(self) -> None:
+        """Raises ``WarehouseWriteError`` (one line) if the table is missing or its columns
+        differ from the ones written."""
+        rows = self._run(
             lambda cursor: cursor.execute(
                 columns_query(), self.table.schema, self.table.name
-            ).fetchall(),
+            ).fetchall()
         )
         problem = column_mismatch(self.table, [row[0] for row in rows])
         if problem:
-            raise UsageError(problem)
+            raise WarehouseWriteError(problem)
+        self._table_checked = True
 
-    def write(self, rows: Iterable[Sequence[Any]]) -> int:
-        """Writes rows batch by batch; returns how many rows were inserted (idempotent mode
-        skips rows already present)."""
-        written, batch = 0, []
-        for row in rows:
-            batch.append(tuple(row))
-            if len(batch) >= self.batch_size:
-                written += self._write_batch(batch)
-                batch = []
-        if batch:
-            written += self._write_batch(batch)
-        return written
+    def write_batch(self, rows: Sequence[tuple]) -> int:
+        """Inserts the rows whose row key the table lacks (each key once), in one transaction;
+        returns how many it inserted. One attempt: see the module doc."""
+        if not self._table_checked:
+            self.prepare()
+        batch = [tuple(row) for row in rows]
+        if not batch:
+            return 0
+        # Dedicated pools support no DDL such as CREATE TABLE inside a user transaction: the
+        # temp table is made, or emptied, in autocommit mode before the batch's transaction.
+        self._run(self._prepare_staging, in_transaction=False)
+        self._staging_ready = True
+        return self._run(lambda cursor: self._move(cursor, batch))
 
-    def _write_batch(self, batch: list[tuple]) -> int:
-        if self._idempotent:
-            return self._with_retry("write a batch", lambda cursor: self._merge(cursor, batch))
-        return self._with_retry("write a batch", lambda cursor: self._insert(cursor, batch))
-
-    def _executemany(self, cursor: Any, statement: str, batch: list[tuple]) -> None:
-        cursor.fast_executemany = self._fast_executemany
-        cursor.executemany(statement, batch)
-
-    def _insert(self, cursor: Any, batch: list[tuple]) -> int:
-        self._executemany(cursor, insert_statement(self.table), batch)
-        return len(batch)
-
-    def _merge(self, cursor: Any, batch: list[tuple]) -> int:
-        if not self._staging_ready:
-            cursor.execute(create_staging_statement(self.table, self._dialect))
-            self._staging_ready = True
-        else:
+    def _prepare_staging(self, cursor: Any) -> None:
+        if self._staging_ready:
             cursor.execute(clear_staging_statement(self._dialect))
-        self._executemany(cursor, stage_statement(self.table, self._dialect), batch)
+        else:
+            cursor.execute(create_staging_statement(self.table, self._dialect))
+
+    def _move(self, cursor: Any, batch: list[tuple]) -> int:
+        cursor.fast_executemany = self._fast_executemany
+        cursor.executemany(stage_statement(self.table, self._dialect), batch)
         cursor.execute(merge_staging_statement(self.table, self._dialect))
         return cursor.rowcount
 
-    def _with_retry(self, what: str, work: Callable[[Any], Any]) -> Any:
-        delay = self._backoff
-        for attempt in range(1, self._attempts + 1):
-            try:
-                connection = self._open()
-                cursor = connection.cursor()
-                try:
-                    result = work(cursor)
-                finally:
-                    cursor.close()
-                connection.commit()
-                return result
-            except UsageError:
-                raise
-            except Exception as error:
-                self._discard_connection()
-                if not is_transient(error):
-                    raise WarehouseWriteError(
-                        f"could not {what} in {self.table.schema}.{self.table.name}: {error}"
-                    ) from error
-                if attempt == self._attempts:
-                    raise WarehouseWriteError(
-                        f"could not {what} in {self.table.schema}.{self.table.name} after "
-                        f"{attempt} attempts (the service kept failing: throttled, deadlocked "
-                        f"or unreachable): {error}"
-                    ) from error
-                self._sleep(delay)
-                delay = min(delay * 2, self._max_backoff)
+    def is_transient(self, error: BaseException) -> bool:
+        return is_transient(error)
+
+    def is_data_error(self, error: BaseException) -> bool:
+        return is_data_error(error)
 
     def _discard_connection(self) -> None:
         # After a failure the transaction (and maybe the connection) is gone: start afresh.
@@ -506,86 +514,26 @@ class SynapseWriter:
             with contextlib.suppress(Exception):  # it is already broken: only tidying up
                 self._connection.close()
             self._connection = None
+            self._staging_ready = False
 
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+            self._staging_ready = False
 
 
-def writer_for(url: str, target: str = "facts", **options: Any) -> SynapseWriter:
-    """A writer for a warehouse URL or ODBC string (``target``: facts or dead_letters)."""
+def writer_for(url: str, target: str = base.FACTS) -> SynapseWriter:
+    """The writer of ``target`` (``"facts"`` or ``"dead_letters"``) for a warehouse URL or ODBC
+    connection string; it connects at its first write."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be {base.FACTS!r} or {base.DEAD_LETTERS!r}, got {target!r}")
     parsed = parse_target(url)
-    settings = connection_string_settings(parsed.connection_string)
-    options.setdefault("idempotent", parsed.idempotent)
-    options.setdefault("fast_executemany", "odbc driver" in settings.get("driver", "").lower())
+    driver = connection_string_settings(parsed.connection_string).get("driver", "")
     return SynapseWriter(
-        lambda: connect(parsed), TARGETS[target], dialect=parsed.dialect, **options
+        lambda: connect(parsed),
+        TARGETS[target],
+        dialect=parsed.dialect,
+        fast_executemany="odbc driver" in driver.lower(),
+        location=parsed.location,
     )
-
-
-def dead_letter_row(letter: DeadLetter) -> tuple:
-    return (
-        letter.hub,
-        letter.partition,
-        letter.sequence_number,
-        micros_to_datetime(letter.enqueued_time),
-        letter.body,
-        letter.reason,
-    )
-
-
-class _WriteToSynapseFn(beam.DoFn):
-    """Buffers rows within a bundle and writes them through one SynapseWriter per instance."""
-
-    def __init__(self, url: str, target: str, batch_size: int):
-        self._url = url
-        self._target = target
-        self._batch_size = batch_size
-        self._to_row = dead_letter_row if target == "dead_letters" else tuple
-
-    def setup(self):
-        self._writer = writer_for(self._url, self._target, batch_size=self._batch_size)
-        self._writer.check_table()
-        self._written = Metrics.counter("bms", f"{self._target}_written")
-
-    def start_bundle(self):
-        self._buffer = []
-
-    def process(self, row):
-        self._buffer.append(self._to_row(row))
-        if len(self._buffer) >= self._batch_size:
-            self._flush()
-
-    def finish_bundle(self):
-        self._flush()
-
-    def _flush(self):
-        if self._buffer:
-            self._writer.write(self._buffer)
-            self._written.inc(len(self._buffer))
-            self._buffer = []
-
-    def teardown(self):
-        self._writer.close()
-
-
-class WriteToSynapse(beam.PTransform):
-    """Writes fact rows (20-tuples) or ``DeadLetter``s to Synapse / SQL Server, in batches.
-
-    Args:
-      url: ``mssql+pyodbc://SERVER/DATABASE`` or an ODBC connection string.
-      target: ``"facts"`` or ``"dead_letters"``.
-      batch_size: rows per transaction.
-    """
-
-    def __init__(self, url: str, target: str = "facts", *, batch_size: int = 1000):
-        super().__init__()
-        if target not in TARGETS:
-            raise ValueError(f"target must be 'facts' or 'dead_letters', got {target!r}")
-        parse_target(url)  # a malformed target fails at construction, not on a worker
-        require_pyodbc()
-        self._fn = _WriteToSynapseFn(url, target, batch_size)
-
-    def expand(self, rows):
-        return rows | beam.ParDo(self._fn)

@@ -13,20 +13,27 @@ twice. Every test runs the real ``bms`` commands, on Prism where it streams.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import random
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import orjson
 import pytest
+import sqlalchemy as sa
 
-from pipeline.io.hub import OutgoingEvent
+from pipeline import runners
+from pipeline.io.checkpoints import FileCheckpointStore
+from pipeline.io.hub import OutgoingEvent, checkpoint_scope
 from pipeline.io.localhub import LocalHub
 from pipeline.io.warehouses import create_engine, read_dead_letters
 from pipeline.io.warehouses.sqldb import create_tables
-from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, datetime_to_micros
-from tests.conftest import booking_body, payment_body, produce_into
+from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB, datetime_to_micros
+from tests.conftest import booking_body, missing, payment_body, produce_into
 from tests.pgcluster import throwaway_postgres_fixture
 
 pytestmark = pytest.mark.slow
@@ -149,3 +156,163 @@ def test_repeated_rows_and_poison_values_through_every_target_and_mode(
     assert again.returncode == 0, again.stderr
     assert summary_count(again.stdout, "newly written") == 0
     assert_parity(hub, readable)
+
+
+def test_an_unreachable_warehouse_is_one_line_at_launch(tmp_path):
+    hub = tmp_path / "hub.db"
+    produce_into(hub, "--count", "10", "--seed", "1", "--simulate", "2026-02-08T10:00:00Z")
+    nowhere = "postgresql+psycopg://bms:s3cret@127.0.0.1:9/nowhere"
+    result = bms("run", "--bounded", "--hub", str(hub), "--warehouse", nowhere)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("\n") == 1 and "s3cret" not in result.stderr
+    assert "cannot reach the warehouse postgresql+psycopg://bms:***@127.0.0.1:9/nowhere" in (
+        result.stderr
+    )
+
+
+# ---- streaming jobs on Prism, killed, restarted, starved of their database ----
+
+
+def prism_or_skip() -> None:
+    try:
+        runners.prism_binary()
+    except runners.RunnerNotInstalled as error:
+        missing(str(error))
+
+
+class StreamingJob:
+    """``bms run`` (unbounded, on Prism) in a session of its own, so that ``kill()`` takes the
+    whole job down at once, bms and its Prism child, as a crash of their machine would."""
+
+    def __init__(self, log_path, *args: str):
+        self.log_path = log_path
+        with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run", *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def drain(self, timeout: float = 120) -> str:
+        """Ctrl-C to bms: reading stops, open windows are written, positions committed."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            assert self.process.wait(timeout=timeout) == 0, self.log()
+        finally:
+            if self.alive():
+                self.kill()
+        return self.log()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def rows_in(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return connection.exec_driver_sql("SELECT COUNT(*) FROM bookings_fact").scalar()
+    except sa.exc.DBAPIError:  # not created yet, or the database is down
+        return 0
+    finally:
+        engine.dispose()
+
+
+def producer(hub, rate: int, seconds: int, seed: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "produce", "--hub", str(hub),
+         "--count", str(rate * seconds), "--rate", str(rate), "--seed", str(seed)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def backlog(hub, minutes: int, count: int, seed: int) -> None:
+    """Events over the last ``minutes``, so a starting job has old windows to close and write."""
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=minutes)
+    rate = count / (minutes * 60 - 30)  # ends half a minute ago
+    produce_into(
+        hub, "--count", str(count), "--seed", str(seed), "--rate", f"{rate:.3f}",
+        "--simulate", start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )  # fmt: skip
+
+
+def test_kill_9_at_random_moments_then_restart_loses_and_doubles_nothing(tmp_path, report):
+    prism_or_skip()
+    rng = random.Random(20261125)
+    hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'warehouse.db'}"
+    checkpoints = tmp_path / "checkpoints"
+    backlog(hub, minutes=6, count=3000, seed=21)
+    append_tricky_events(hub, datetime_to_micros(dt.datetime.now(dt.UTC)) - 200 * SECOND)
+    args = ["--hub", str(hub), "--warehouse", warehouse, "--checkpoints", str(checkpoints)]
+    live = producer(hub, rate=20, seconds=150, seed=22)
+    store = FileCheckpointStore(checkpoints, checkpoint_scope(str(hub)))
+    kills = []
+    try:
+        for cycle in range(5):
+            job = StreamingJob(tmp_path / f"job{cycle}.log", *args)
+            if cycle == 1:  # a second job on the same checkpoints is refused, naming the first
+                time.sleep(3)
+                second = bms("run", "--bounded", *args, timeout=120)
+                assert second.returncode == 2 and second.stderr.count("\n") == 1, second.stderr
+                assert f"in use by another bms run (pid {job.process.pid}" in second.stderr
+            time.sleep(rng.uniform(5, 35))
+            assert job.alive(), job.log()
+            job.kill()
+            kills.append(
+                (rows_in(warehouse), sum(sum(store.last_processed(h).values()) for h in HUBS))
+            )
+        assert live.wait(timeout=300) == 0
+    finally:
+        if live.poll() is None:
+            live.kill()
+    # Restarted once more, as a bounded run: it reads on from the checkpoints to the end.
+    final = bms("run", "--bounded", *args)
+    assert final.returncode == 0, final.stderr
+    assert_parity(hub, warehouse)
+    assert kills[-1][0] > 0, "no row was written before the last kill: the kills proved nothing"
+    report(f"kill -9 x5: (rows, sum of committed sequence numbers) at each kill: {kills}")
+
+
+def test_a_30_second_database_outage_is_waited_out_without_a_restart(tmp_path, postgres, report):
+    prism_or_skip()
+    hub, warehouse = tmp_path / "hub.db", fresh_database(postgres)
+    checkpoints = tmp_path / "checkpoints"
+    backlog(hub, minutes=5, count=2000, seed=31)
+    args = ["--hub", str(hub), "--warehouse", warehouse, "--checkpoints", str(checkpoints)]
+    live = producer(hub, rate=20, seconds=110, seed=32)
+    job = StreamingJob(tmp_path / "job.log", *args)
+    try:
+        deadline = time.monotonic() + 120
+        while rows_in(warehouse) == 0 and time.monotonic() < deadline:
+            assert job.alive(), job.log()
+            time.sleep(1)
+        before = rows_in(warehouse)
+        assert before > 0, "no row written before the outage"
+        postgres.stop()
+        time.sleep(30)
+        assert job.alive(), job.log()
+        postgres.start()
+        time.sleep(20)
+        assert job.alive(), job.log()
+        assert live.wait(timeout=120) == 0
+        output = job.drain()
+    finally:
+        for process in (live, job.process):
+            if process.poll() is None:
+                process.kill()
+    assert "reading paused" in output and "is back; reading resumes" in output
+    retries = int(re.search(r"warehouse write retries: (\d+)", output).group(1))
+    final = bms("run", "--bounded", *args)
+    assert final.returncode == 0, final.stderr
+    assert_parity(hub, warehouse)
+    assert "Traceback" not in output
+    report(f"PostgreSQL down 30 s: {before} rows before, {retries} write retries, job kept going")

@@ -172,7 +172,7 @@ def _run_job(options: PipelineOptions, bms: BmsOptions) -> beam.runners.runner.P
             result.cancel()
             raise
     except Exception as error:
-        cause = _warehouse_failure(str(error))
+        cause = _warehouse_failure(error)
         if cause is None:
             raise
         raise RuntimeFailure(cause) from error
@@ -182,13 +182,20 @@ def _run_job(options: PipelineOptions, bms: BmsOptions) -> beam.runners.runner.P
 
 
 _WAREHOUSE_FAILURE = re.compile(r"(?:WarehouseUnavailable|WarehouseWriteError): (.+)")
+_STEP_SUFFIX = re.compile(r" \[while running '[^']*'\]")
 
 
-def _warehouse_failure(message: str) -> str | None:
-    """The one-line cause of a job that failed because the warehouse did (the runners report a
-    worker's exception as text), or None."""
-    causes = _WAREHOUSE_FAILURE.findall(message)
-    return causes[-1].strip() if causes else None
+def _warehouse_failure(error: Exception) -> str | None:
+    """The one-line cause of a job that failed because the warehouse did, or None. Workers in
+    this process raise the error itself; portable runners report a worker's error as text."""
+    if isinstance(error, WarehouseError):
+        message = str(error)
+    else:
+        causes = _WAREHOUSE_FAILURE.findall(str(error))
+        if not causes:
+            return None
+        message = causes[-1]
+    return _STEP_SUFFIX.sub("", message.splitlines()[0]).strip()
 
 
 @contextlib.contextmanager

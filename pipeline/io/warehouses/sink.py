@@ -86,11 +86,13 @@ class _WriteRowsFn(beam.DoFn):
             before_sleep=self._waiting,
             reraise=True,
         )
-        # The tables exist from the start, even for a job that writes no row.
-        self._with_retries(self._writer.prepare)
+        self._prepared = False
 
     def start_bundle(self):
         self._buffer: list[WindowedValue] = []
+        if not self._prepared:  # the tables exist from the start, even if no row comes
+            self._with_retries(self._writer.prepare)
+            self._prepared = True
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         row = self._to_row(element)

@@ -156,6 +156,10 @@ class ComputeFacts(beam.PTransform):
         return {"facts": facts, DEAD_LETTERS: dead_letters}
 
 
+COMMIT_INTERVAL_MICROS = 30_000_000
+BOUNDED_COMMIT_INTERVAL_MICROS = 24 * 3600 * 1_000_000
+
+
 def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
     """Wires the whole job into ``pipeline``: both hubs -> ComputeFacts -> the warehouse, and
     with ``--checkpoints`` the commits of read positions once their rows are written."""
@@ -198,6 +202,10 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
         span = window_size_micros(options.join_period())
         # The dead-letter writer's output follows the fact writer's (unstorable rows go through
         # it), so its watermark passes a time once both tables hold the rows up to it.
+        # Each commit is a timer firing, and on the in-process runner each firing is a bundle
+        # run after the previous one: a bounded run commits once per day of event time, not
+        # once per 30 s (every commit of a bounded run happens at its end anyway).
+        interval = BOUNDED_COMMIT_INTERVAL_MICROS if options.bounded else COMMIT_INTERVAL_MICROS
         _ = (*(read[POSITIONS] for read in reads), written) | "CommitPositions" >> CommitPositions(
-            open_store, span
+            open_store, span, interval
         )

@@ -32,7 +32,8 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+
+from tests.conftest import missing
 
 PG_ROOT = Path("/usr/lib/postgresql")
 SETUP_HINT = "run scripts/setup-services"
@@ -304,15 +305,6 @@ class ThrowawayPostgres:
             tail = self.log_file.read_text(errors="replace").splitlines()[-20:]
             message += "\nserver log:\n" + "\n".join(tail)
         return message
-
-
-def missing(reason: str) -> NoReturn:
-    """A skip locally; a failure under CI, where a broken install must not hide behind a skip."""
-    import pytest
-
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (under CI every service must be there)")
-    pytest.skip(reason)
 
 
 def throwaway_postgres(**kwargs) -> ThrowawayPostgres:

@@ -162,6 +162,7 @@ def _run_job(options: PipelineOptions, bms: BmsOptions) -> beam.runners.runner.P
     pipeline = beam.Pipeline(options=options)
     bms_pipeline.build(pipeline, bms)
     progress.reset_drain()
+    runners.fold_fn_api_metrics_eagerly()  # else counters() recurses once per bundle
     try:
         result = pipeline.run()
         try:

@@ -23,8 +23,8 @@ could still change the output depends on the events up to it:
 
 Marks come one per read call and one per 10 s of event time per partition; commits come at
 most once per 30 s of event time. So the state stays small over hours, and one key holds it all. A
-restarted job reads on from the commits; the rows it writes again for the events after them are
-dropped by the warehouse's idempotent mode.
+restarted job reads on from the commits; the rows it computes again for the events after them
+are already in the warehouse under their row keys and are not written twice.
 
 Drain (``request_drain``): partitions read in this process stop at their current position, emit
 their final mark and end; windows then fire, rows are written, positions committed and the job

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-__all__ = ["EXIT_RUNTIME_FAILURE", "EXIT_USAGE", "RuntimeFailure", "UsageError"]
+__all__ = [
+    "EXIT_INTERRUPTED",
+    "EXIT_RUNTIME_FAILURE",
+    "EXIT_USAGE",
+    "RuntimeFailure",
+    "UsageError",
+]
 
+#: Exit codes of every bms command (1 is a difference found by bms parity).
 EXIT_USAGE = 2
 EXIT_RUNTIME_FAILURE = 3
+EXIT_INTERRUPTED = 130
 
 
 class UsageError(Exception):

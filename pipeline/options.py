@@ -1,7 +1,17 @@
-"""The pipeline's own options, parsed with Beam's (so ``--runner`` and friends pass through)."""
+"""The pipeline's own options, parsed with Beam's (so ``--runner`` and friends pass through).
+
+Flags are kebab-case like every other bms command (``--window-period``); Beam's snake_case
+spelling (``--window_period``, also the Dataflow template's parameter names) is accepted as a
+hidden alias. ``--hub``, ``--warehouse`` and ``--checkpoints`` default to the environment
+variables ``BMS_HUB``, ``BMS_WAREHOUSE`` and ``BMS_CHECKPOINTS`` when set.
+"""
 
 from __future__ import annotations
 
+import argparse
+import os
+
+import sqlalchemy as sa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.event_time import (
@@ -19,64 +29,107 @@ from pipeline.io.warehouses import (
 )
 from pipeline.join import BOUNDED_PERIOD_SECONDS, DEFAULT_PERIOD_SECONDS
 
+HUB_ENV = "BMS_HUB"
+WAREHOUSE_ENV = "BMS_WAREHOUSE"
+CHECKPOINTS_ENV = "BMS_CHECKPOINTS"
+
+
+def env_default(variable: str, default: str | None) -> str | None:
+    """An option's default: the environment variable when set, else ``default``."""
+    return os.environ.get(variable) or default
+
+
+def shown(url: str | None) -> str:
+    """A default as --help shows it: never a password."""
+    if url is None or "://" not in url:
+        return str(url)
+    try:
+        return sa.make_url(url).render_as_string(hide_password=True)
+    except sa.exc.ArgumentError:
+        return url.split("@")[-1]
+
+
+def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """``--kebab-case`` in help, with ``--snake_case`` accepted as a hidden alias."""
+    dest = name.lstrip("-").replace("-", "_")
+    parser.add_argument("--" + dest.replace("_", "-"), dest=dest, **kwargs)
+    if "_" in dest:
+        hidden = {key: value for key, value in kwargs.items() if key != "help"}
+        parser.add_argument("--" + dest, dest=dest, help=argparse.SUPPRESS, **hidden)
+
 
 class BmsOptions(PipelineOptions):
     """Where events come from, where rows go, and how the join windows."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        parser.add_argument(
+        hub = env_default(HUB_ENV, DEFAULT_HUB_URL)
+        warehouse = env_default(WAREHOUSE_ENV, DEFAULT_WAREHOUSE_URL)
+        checkpoints = env_default(CHECKPOINTS_ENV, None)
+        add_flag(
+            parser,
             "--hub",
-            default=DEFAULT_HUB_URL,
+            default=hub,
             help="where the event hubs are: a local hub file, or eventhubs://NAMESPACE "
-            "(default: %(default)s)",
+            f"(default: {shown(hub)}; env {HUB_ENV})",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--warehouse",
-            default=DEFAULT_WAREHOUSE_URL,
-            help="SQLAlchemy URL of the warehouse to write to (default: %(default)s)",
+            default=warehouse,
+            help="where rows go: sqlite:///FILE, postgresql+psycopg://..., "
+            f"mssql+pyodbc://SERVER/DB or an ODBC string (default: {shown(warehouse)}; "
+            f"env {WAREHOUSE_ENV})",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--bounded",
             action="store_true",
             help="read what the hubs hold now, write the result and stop",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--start",
             type=StartPosition.parse,
             default=StartPosition.earliest(),
             help="where to start reading each partition: earliest (default), latest, an ISO 8601 "
             "enqueued time, or partition:sequence pairs such as 0:120,1:97",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--checkpoints",
-            default=None,
+            default=checkpoints,
             help="where to keep read positions, committed once their rows are written: a folder, "
             "https://ACCOUNT.blob.core.windows.net/CONTAINER or blob:CONTAINER; a rerun resumes "
-            "from them; one job at a time holds them (default: none, start from --start)",
+            "from them; one job at a time holds them (default: "
+            f"{shown(checkpoints) if checkpoints else 'none, start from --start'}; "
+            f"env {CHECKPOINTS_ENV})",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--wait_for_lease",
-            "--wait-for-lease",
             action="store_true",
             help="if another job holds --checkpoints, wait for it to end instead of refusing to "
             "start",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--event_time",
             choices=POLICIES,
             default=ENQUEUED,
             help="the time events are joined at: enqueued (the hub's, as the ASA job without "
             "TIMESTAMP BY; default) or payload (booking_time / payment_time, as TIMESTAMP BY)",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--late_arrival_tolerance",
             type=float,
             default=DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
-            help="with --event_time payload: seconds a payload time may lie before its enqueued "
+            help="with --event-time payload: seconds a payload time may lie before its enqueued "
             "time; earlier ones are adjusted to it, as ASA does (default: %(default)s)",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--window_period",
             type=float,
             default=None,
@@ -84,20 +137,23 @@ class BmsOptions(PipelineOptions):
             f"earlier output when streaming, more work per event (default: "
             f"{DEFAULT_PERIOD_SECONDS:g}, or {BOUNDED_PERIOD_SECONDS:g} with --bounded)",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--write_batch_size",
             type=int,
             default=DEFAULT_BATCH_SIZE,
             help="rows per warehouse insert batch (default: %(default)s)",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--write_retry_deadline",
             type=float,
             default=DEFAULT_RETRY_DEADLINE_SECONDS,
             help="seconds to wait out an unreachable or locked warehouse, retrying with backoff "
             "while reading pauses, before the job stops (default: %(default)g)",
         )
-        parser.add_argument(
+        add_flag(
+            parser,
             "--read_batch_size",
             type=int,
             default=1000,

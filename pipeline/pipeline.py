@@ -85,7 +85,7 @@ class _ParseFn(beam.DoFn):
             )
             if micros is None:
                 yield self._dead_letter(
-                    event, f"no readable {self._name}_time for --event_time {PAYLOAD}"
+                    event, f"no readable {self._name}_time for --event-time {PAYLOAD}"
                 )
                 return
             retimestamp = True

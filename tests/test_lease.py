@@ -83,7 +83,7 @@ def test_a_second_claim_is_refused_naming_the_owner_until_the_first_ends(tmp_pat
             claim(location, SCOPE)
         message = str(refused.value)
         assert message.startswith(f"checkpoints {location} are in use by another bms run ({me()}")
-        assert message.endswith("); stop it, or pass --wait_for_lease to wait for it")
+        assert message.endswith("); stop it, or pass --wait-for-lease to wait for it")
         assert "\n" not in message
         assert refused.value.owner == lease.owner
         assert refused.value.owner.since.endswith("Z")

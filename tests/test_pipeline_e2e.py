@@ -239,7 +239,7 @@ def test_replayed_edge_cases_join_by_enqueued_time(tmp_path):
 
 
 def test_payload_event_time_joins_at_the_adjusted_payload_times(tmp_path):
-    """``--event_time payload``: TIMESTAMP BY booking_time / payment_time with ASA's "adjust"
+    """``--event-time payload``: TIMESTAMP BY booking_time / payment_time with ASA's "adjust"
     late-arrival policy, against the brute force over ``payload_event_time``."""
     hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'warehouse.db'}"
     rng = random.Random(3)
@@ -267,7 +267,7 @@ def test_payload_event_time_joins_at_the_adjusted_payload_times(tmp_path):
         ordered = sorted(entries, key=lambda entry: entry[0])
         path.write_text("".join(replay_line(at(t), k, b) + "\n" for t, k, b in ordered))
         assert main(["replay", "--hub", name, "--hub-url", str(hub), str(path)]) == 0
-    run_bounded(hub, warehouse, "--event_time", "payload", "--late_arrival_tolerance", "60")
+    run_bounded(hub, warehouse, "--event-time", "payload", "--late-arrival-tolerance", "60")
 
     def payload_time(event, payload):
         return payload_event_time(payload, event.enqueued_time, 60 * SECOND)
@@ -279,8 +279,8 @@ def test_payload_event_time_joins_at_the_adjusted_payload_times(tmp_path):
     dead = read_dead_letters(warehouse)
     assert {(d.hub, d.partition, d.sequence_number) for d in dead} == malformed
     assert sorted(d.reason for d in dead) == [
-        "no readable booking_time for --event_time payload",
-        "no readable payment_time for --event_time payload",
+        "no readable booking_time for --event-time payload",
+        "no readable payment_time for --event-time payload",
     ]
 
 

@@ -103,7 +103,7 @@ class LeaseHeld(Exception):
         who = f" ({owner.describe()})" if owner else ""
         super().__init__(
             f"checkpoints {location} are in use by another bms run{who}; stop it, or pass "
-            "--wait_for_lease to wait for it"
+            "--wait-for-lease to wait for it"
         )
 
 

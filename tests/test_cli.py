@@ -1,0 +1,77 @@
+"""The ``bms`` command line: strict flags with a did-you-mean, no abbreviations, Beam's options
+passed through, one flag style, --version, -v/-q, defaults from the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.io.warehouses import read_facts
+from tests.conftest import produce_into
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["run", "--bouned"], "unknown option --bouned; did you mean --bounded?"),
+        (["run", "--bounde"], "unknown option --bounde; did you mean --bounded?"),  # no prefixes
+        (["run", "--windw-period", "5"], "did you mean --window-period?"),
+        (["run", "--windw_period", "5"], "did you mean --window_period?"),
+        (["run", "--runner=FnApiRunner", "--flink_mastr=x"], "did you mean --flink_master?"),
+        (["produce", "--cont", "5"], "unknown option --cont; did you mean --count?"),
+        (["parity", "--event"], "unknown option --event; did you mean --events?"),
+    ],
+)
+def test_a_typo_is_an_error_with_a_suggestion_and_starts_nothing(argv, expected, capsys, tmp_path):
+    hub = tmp_path / "hub.db"
+    with pytest.raises(SystemExit) as raised:
+        main([*argv, "--hub", str(hub)])
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert expected in error and "Traceback" not in error
+    assert not hub.exists()  # nothing ran
+
+
+def test_beam_options_and_both_flag_spellings_are_accepted(tmp_path, capsys):
+    hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'w.db'}"
+    produce_into(hub, "--count", "60", "--seed", "3", "--simulate", "2026-02-08T10:00:00Z")
+    common = ["run", "--bounded", "--hub", str(hub), "--warehouse", warehouse, "-q"]
+    assert main([*common, "--runner=FnApiRunner", "--window-period", "60"]) == 0
+    first = sorted(read_facts(warehouse))
+    assert main([*common, "--window_period", "30", "--write_batch_size", "7"]) == 0
+    assert sorted(read_facts(warehouse)) == first and first
+    assert "0 newly written" in capsys.readouterr().out
+
+
+def test_version_and_help_show_the_environment_defaults_without_passwords(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["--version"])
+    assert raised.value.code == 0 and capsys.readouterr().out.startswith("bms ")
+    monkeypatch.setenv("BMS_WAREHOUSE", "postgresql+psycopg://bms:s3cret@db.example/bms")
+    monkeypatch.setenv("BMS_HUB", "/data/hub.db")
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "postgresql+psycopg://bms:***@db.example/bms" in text and "s3cret" not in text
+    assert "/data/hub.db; env BMS_HUB" in text
+    assert "--window-period" in text and "--window_period" not in text
+
+
+def test_the_environment_chooses_hub_and_warehouse(tmp_path, monkeypatch):
+    hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'w.db'}"
+    produce_into(hub, "--count", "60", "--seed", "3", "--simulate", "2026-02-08T10:00:00Z")
+    monkeypatch.setenv("BMS_HUB", str(hub))
+    monkeypatch.setenv("BMS_WAREHOUSE", warehouse)
+    assert main(["run", "--bounded", "-q"]) == 0
+    assert read_facts(warehouse)
+
+
+def test_an_unforeseen_failure_is_one_line_and_the_trace_comes_with_v(tmp_path, capsys):
+    not_a_hub = tmp_path / "hub.db"
+    not_a_hub.write_text("this is not a database")
+    warehouse = f"sqlite:///{tmp_path / 'w.db'}"
+    assert main(["run", "--bounded", "--hub", str(not_a_hub), "--warehouse", warehouse]) == 3
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error and "-v" in error
+    assert main(["run", "-v", "--bounded", "--hub", str(not_a_hub), "--warehouse", warehouse]) == 3
+    assert "Traceback" in capsys.readouterr().err

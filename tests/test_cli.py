@@ -3,6 +3,9 @@ passed through, one flag style, --version, -v/-q, defaults from the environment.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from pipeline.cli import main
@@ -75,3 +78,83 @@ def test_an_unforeseen_failure_is_one_line_and_the_trace_comes_with_v(tmp_path, 
     assert error.count("\n") == 1 and "Traceback" not in error and "-v" in error
     assert main(["run", "-v", "--bounded", "--hub", str(not_a_hub), "--warehouse", warehouse]) == 3
     assert "Traceback" in capsys.readouterr().err
+
+
+# ---- checks at launch: one line each, with what to do ----
+
+
+def launch(tmp_path, *args: str, hub=None, warehouse=None):
+    hub = hub or tmp_path / "hub.db"
+    warehouse = warehouse or f"sqlite:///{tmp_path / 'w.db'}"
+    return main(["run", "--bounded", "--hub", str(hub), "--warehouse", warehouse, *args])
+
+
+@pytest.fixture
+def hub(tmp_path):
+    path = tmp_path / "hub.db"
+    produce_into(path, "--count", "20", "--seed", "3", "--simulate", "2026-02-08T10:00:00Z")
+    return path
+
+
+def one_line(capsys) -> str:
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "Traceback" not in error, error
+    return error
+
+
+def test_a_missing_hub_is_refused_and_not_created(tmp_path, capsys):
+    missing_hub = tmp_path / "nowhere" / "hub.db"
+    assert launch(tmp_path, hub=missing_hub) == 2
+    assert f"no hub at {missing_hub}" in one_line(capsys) and not missing_hub.parent.exists()
+
+
+def test_a_sqlite_warehouse_in_a_missing_folder_is_refused_and_not_created(tmp_path, hub, capsys):
+    warehouse = f"sqlite:///{tmp_path / 'nonexistent' / 'dir' / 'x.db'}"
+    assert launch(tmp_path, hub=hub, warehouse=warehouse) == 2
+    assert "no folder" in one_line(capsys) and not (tmp_path / "nonexistent").exists()
+
+
+def test_an_unknown_database_names_what_works(tmp_path, hub, capsys):
+    assert launch(tmp_path, hub=hub, warehouse="postgres://nohost/db") == 2
+    assert "bms writes to sqlite://, postgresql://" in one_line(capsys)
+
+
+def test_a_missing_driver_names_the_extra_to_install(tmp_path, hub):
+    # As on a machine without the postgres extra: psycopg cannot be imported.
+    script = (
+        "import sys; sys.modules['psycopg'] = None; from pipeline.cli import main; "
+        f"sys.exit(main(['run', '--bounded', '--hub', {str(hub)!r}, "
+        "'--warehouse', 'postgresql+psycopg://u:pw@nohost/db']))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "pip install -e '.[postgres]'" in result.stderr and ":pw@" not in result.stderr
+
+
+def test_a_read_only_warehouse_is_named(tmp_path, hub, capsys):
+    path = tmp_path / "w.db"
+    path.write_bytes(b"")
+    read_only = f"sqlite:///file:{path}?mode=ro&uri=true"  # read-only even for root
+    assert launch(tmp_path, hub=hub, warehouse=read_only) == 3
+    error = one_line(capsys)
+    assert str(path) in error and "readonly" in error
+
+
+def test_a_truncated_checkpoint_file_is_named(tmp_path, capsys):
+    hub = tmp_path / "hub.db"  # 500 s of events: more than the 2 minutes commits stay behind
+    produce_into(hub, "--count", "200", "--seed", "3", "--simulate", "2026-02-08T10:00:00Z")
+    checkpoints = tmp_path / "checkpoints"
+    assert launch(tmp_path, "--checkpoints", str(checkpoints), hub=hub) == 0
+    capsys.readouterr()
+    files = sorted(checkpoints.rglob("*.json"))
+    files[0].write_text('{"hub": "bookingt')
+    assert launch(tmp_path, "--checkpoints", str(checkpoints), hub=hub) == 2
+    error = one_line(capsys)
+    assert f"checkpoint file {files[0]} is unreadable" in error
+
+
+def test_unwritable_checkpoints_fail_at_launch(tmp_path, hub, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where a folder should be")
+    assert launch(tmp_path, "--checkpoints", str(blocker / "checkpoints"), hub=hub) in (2, 3)
+    assert "checkpoints" in one_line(capsys)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import re
 import signal
 import sys
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 
 import apache_beam as beam
 import sqlalchemy as sa
@@ -23,14 +25,15 @@ from pipeline import runners
 from pipeline.errors import RuntimeFailure, UsageError
 from pipeline.io import progress
 from pipeline.io.checkpoints import open_checkpoint_store
-from pipeline.io.hub import checkpoint_scope
+from pipeline.io.hub import checkpoint_scope, open_hub
 from pipeline.io.lease import LeaseHeld, hold_lease
 from pipeline.io.warehouses import DEAD_LETTERS, FACTS, masked_url, open_writer, synapse
 from pipeline.io.warehouses.base import WarehouseError, describe_error
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
-from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, PAYMENT_HUB
+from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, HUBS, PAYMENT_HUB
 
+_LOG = logging.getLogger("bms")
 STREAMING_JOB_SERVER_TIMEOUT = 30 * 24 * 3600  # seconds: how long an unbounded run can last
 
 
@@ -103,13 +106,11 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     it at once. Any other job is cancelled by Ctrl-C.
     """
     bms = options.view_as(BmsOptions)
+    _check_hub(bms.hub)
     _check_warehouse(bms.warehouse)
     if bms.checkpoints is None:
         return _run_job(options, bms)
-    try:  # a store that cannot be configured fails here, in one line, not on a worker
-        open_checkpoint_store(bms.checkpoints, checkpoint_scope(bms.hub)).close()
-    except ValueError as error:
-        raise UsageError(str(error)) from None
+    _check_checkpoints(bms.checkpoints, bms.hub)
     lost = threading.Event()
 
     def lease_lost(reason: str) -> None:
@@ -123,12 +124,48 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
             result = _run_job(options, bms)
     except LeaseHeld as error:
         raise UsageError(str(error)) from None
+    except PermissionError as error:
+        raise UsageError(
+            f"--checkpoints {bms.checkpoints} cannot be written ({error.strerror}: "
+            f"{error.filename}): choose a folder you may write to"
+        ) from None
     if lost.is_set():
         raise RuntimeFailure(
             f"lost the lease on checkpoints {bms.checkpoints} while running, so the job was "
             "drained: another job may have taken them over"
         )
     return result
+
+
+def _check_hub(url: str) -> None:
+    """A local hub must exist (a typo must not read an empty new one); an empty one is worth a
+    warning. Azure Event Hubs is checked by the reader itself."""
+    if url.startswith("eventhubs://"):
+        return
+    path = Path(url.removeprefix("local:"))
+    if not path.is_file():
+        raise UsageError(
+            f"no hub at {path}: publish events first (bms produce, bms replay) or give --hub"
+        )
+    with contextlib.closing(open_hub(url)) as client:
+        if all(
+            client.partition_properties(hub, partition).last_sequence_number < 0
+            for hub in HUBS
+            for partition in client.partition_ids(hub)
+        ):
+            _LOG.warning("hub %s holds no events yet", path)
+
+
+def _check_checkpoints(location: str, hub_url: str) -> None:
+    """A checkpoint store that cannot be configured or read fails here, in one line."""
+    try:
+        with contextlib.closing(
+            open_checkpoint_store(location, checkpoint_scope(hub_url))
+        ) as store:
+            for hub in HUBS:
+                store.last_processed(hub)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def _check_warehouse(url: str) -> None:
@@ -143,19 +180,33 @@ def _check_warehouse(url: str) -> None:
         ) from None
     except ValueError as error:
         raise UsageError(f"--warehouse: {error}") from None
+    except (ImportError, sa.exc.NoSuchModuleError):
+        raise UsageError(_missing_driver(url)) from None
     for writer in writers:
         try:
             writer.prepare()
         except WarehouseError as error:
             raise UsageError(str(error)) from None
-        except ImportError as error:
-            raise UsageError(f"--warehouse: {error}") from None
+        except (ImportError, sa.exc.NoSuchModuleError):
+            raise UsageError(_missing_driver(url)) from None
         except Exception as error:
             raise RuntimeFailure(
                 f"cannot reach the warehouse {writer.description}: {describe_error(error)}"
             ) from None
         finally:
             writer.close()
+
+
+_DRIVER_HINTS = {
+    "postgresql": "pip install -e '.[postgres]' and write postgresql+psycopg://USER@HOST/DB",
+    "mssql": "pip install -e '.[synapse]' (and Microsoft's ODBC Driver 18, see the README)",
+}
+
+
+def _missing_driver(url: str) -> str:
+    backend = "mssql" if synapse.is_odbc_target(url) else sa.make_url(url).get_backend_name()
+    hint = _DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
+    return f"--warehouse {masked_url(url)}: its database driver is not installed; {hint}"
 
 
 def _run_job(options: PipelineOptions, bms: BmsOptions) -> beam.runners.runner.PipelineResult:

@@ -78,8 +78,14 @@ class FileCheckpointStore:
             return {}
         checkpoints = {}
         for path in folder.glob("*.json"):
-            record = json.loads(path.read_text())
-            checkpoints[record["partition"]] = record["sequence_number"]
+            try:
+                record = json.loads(path.read_text())
+                checkpoints[record["partition"]] = int(record["sequence_number"])
+            except (ValueError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f"checkpoint file {path} is unreadable ({type(error).__name__}: {error}); "
+                    "delete it to read that partition from --start again"
+                ) from None
         return checkpoints
 
     def _read(self, path: Path) -> int | None:

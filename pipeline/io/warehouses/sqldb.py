@@ -141,6 +141,8 @@ def _missing_sqlite_folder(url: str) -> Path | None:
     parsed = sa.make_url(url)
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
+    if parsed.query.get("uri") == "true":  # file:PATH?mode=...: SQLite reads the URI itself
+        return None
     folder = Path(parsed.database).parent
     if url == DEFAULT_WAREHOUSE_URL:
         folder.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,9 @@ setup(
         "sqlalchemy>=2.0",
         "sqlglot>=25",
         "duckdb>=1.1",
+        "tenacity>=8.2",
+        "prometheus-client>=0.20",
+        "rich>=13",
     ],
     extras_require={
         "azure": [

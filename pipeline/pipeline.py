@@ -8,11 +8,10 @@ from collections.abc import Callable
 from operator import itemgetter
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
-from pipeline import rules
+from pipeline import metrics, rules
 from pipeline.event_time import (
     DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
     ENQUEUED,
@@ -58,17 +57,12 @@ class _ParseFn(beam.DoFn):
         self._payload_time = payload_time
         self._tolerance_micros = tolerance_micros
 
-    def setup(self):
-        self._events = Metrics.counter("bms", f"{self._name}_events")
-        self._dead = Metrics.counter("bms", "dead_letters")
-        self._no_order_id = Metrics.counter("bms", f"{self._name}_rows_without_order_id")
-
     def _dead_letter(self, event: HubEvent, reason: str):
-        self._dead.inc()
+        metrics.DEAD_LETTERS.inc()
         return beam.pvalue.TaggedOutput(DEAD_LETTERS, DeadLetter.of(event, reason))
 
     def process(self, event: HubEvent, timestamp=beam.DoFn.TimestampParam):
-        self._events.inc()
+        metrics.PARSED_EVENTS.inc(kind=self._name)
         try:
             rows = self._parse(event.body)
         except rules.MalformedEvent as error:
@@ -92,7 +86,7 @@ class _ParseFn(beam.DoFn):
         key = event_key(event.partition, event.sequence_number)
         for index, row in enumerate(rows):
             if row[0] is None:
-                self._no_order_id.inc()
+                metrics.ROWS_WITHOUT_ORDER_ID.inc(kind=self._name)
                 continue
             # Grouping drops each element's own timestamp, so the join gets it in the value;
             # read from the element (not the body), it follows whatever time the source set.

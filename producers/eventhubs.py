@@ -120,6 +120,12 @@ class EventHubsPublisher:
                 self._sleep(delay)
                 delay *= 2
 
+    def new_run_id(self) -> str:
+        """Event Hubs keeps no counter for us: a random five-character id."""
+        from producers.publish import random_run_id
+
+        return random_run_id()
+
     def close(self) -> None:
         for producer in self._producers.values():
             producer.close()

@@ -71,9 +71,18 @@ def isoformat_utc(moment: dt.datetime) -> str:
 
 
 class EventGenerator:
-    """Generates orders: one booking and its payments, each with its due time."""
+    """Generates orders: one booking and its payments, each with its due time.
 
-    def __init__(self, seed: int | None = None, shares: Shares = Shares()):
+    ``run_id`` goes into every order and payment id (``order_<run_id>_<n>``,
+    ``payment_<run_id>_<n>``) so that runs publishing into the same hub never share an id;
+    without it ids are ``order_<n>``. It draws nothing from the random streams: with the same
+    seed, runs differ in their ids alone.
+    """
+
+    def __init__(
+        self, seed: int | None = None, shares: Shares = Shares(), run_id: str | None = None
+    ):
+        self._prefix = "" if run_id is None else f"{run_id}_"
         self._random = random.Random(seed)
         self._faker = Faker()
         self._faker.seed_instance(seed)
@@ -90,7 +99,7 @@ class EventGenerator:
         delay = self._payment_delay()
         booking_due = max(0.0, -delay)
         booked_at = placed_at + dt.timedelta(seconds=booking_due)
-        order_id = f"order_{self._orders}"
+        order_id = f"order_{self._prefix}{self._orders}"
         seat_row = rand.choice(SEAT_ROWS)
         first_seat = rand.randint(1, 30)
         price = rand.choice(SEAT_PRICES)
@@ -139,7 +148,7 @@ class EventGenerator:
     ) -> ScheduledEvent:
         self._payments += 1
         payment = {
-            "payment_id": f"payment_{self._payments}",
+            "payment_id": f"payment_{self._prefix}{self._payments}",
             "order_id": order_id,
             "payment_time": isoformat_utc(placed_at + dt.timedelta(seconds=due)),
             "amount": amount,

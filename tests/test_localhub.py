@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
+import time
 
 import pytest
 
-from pipeline.io.hub import OutgoingEvent, open_hub
-from pipeline.io.localhub import LocalHub, partition_for_key
+from pipeline.errors import RuntimeFailure
+from pipeline.io.hub import OutgoingEvent, open_hub, read_all
+from pipeline.io.localhub import (
+    FUTURE_TOLERANCE_S,
+    HubBusy,
+    LocalHub,
+    clock_ahead,
+    describe_duration,
+    partition_for_key,
+)
+
+SECOND = 1_000_000
 
 
 def events(keys, prefix="e"):
@@ -34,12 +46,40 @@ def test_sequence_numbers_count_from_zero_per_partition(tmp_path):
             assert properties.last_sequence_number == len(sequences) - 1
 
 
-def test_enqueued_times_are_assigned_and_never_go_backwards(tmp_path):
+def now_micros():
+    return time.time_ns() // 1_000
+
+
+def test_live_events_get_the_current_time(tmp_path):
     with LocalHub(tmp_path / "hub.db", partitions=1) as hub:
-        hub.append("bookingtopic", [OutgoingEvent("k", b"x", enqueued_time=2**62)])
+        before = now_micros()
+        hub.append("bookingtopic", events(["k", "k"]))
+        after = now_micros()
+        times = [e.enqueued_time for e in hub.read("bookingtopic", "0", 0, 10)]
+    assert before <= times[0] == times[1] <= after
+
+
+def test_a_partition_slightly_ahead_keeps_live_times_from_going_backwards(tmp_path):
+    ahead = now_micros() + 2 * SECOND  # within FUTURE_TOLERANCE_S: another clock, a moment ago
+    with LocalHub(tmp_path / "hub.db", partitions=1) as hub:
+        hub.append("bookingtopic", [OutgoingEvent("k", b"x", enqueued_time=ahead)])
         hub.append("bookingtopic", events(["k", "k"]))
         times = [e.enqueued_time for e in hub.read("bookingtopic", "0", 0, 10)]
-    assert times == [2**62, 2**62, 2**62]
+    assert times == [ahead, ahead, ahead]
+
+
+@pytest.mark.parametrize("lead", [FUTURE_TOLERANCE_S + 1, 79 * 60, 2**62 / 1e6 / 2])
+def test_a_partition_far_ahead_does_not_drag_live_events_into_the_future(tmp_path, lead):
+    future = now_micros() + int(lead * SECOND)
+    with LocalHub(tmp_path / "hub.db", partitions=1) as hub:
+        hub.append("bookingtopic", [OutgoingEvent("k", b"x", enqueued_time=future)])
+        before = now_micros()
+        hub.append("bookingtopic", events(["k"]))
+        hub.append("bookingtopic", events(["k"]))
+        after = now_micros()
+        times = [e.enqueued_time for e in hub.read("bookingtopic", "0", 0, 10)]
+    # the service's clock, as Event Hubs stamps it: the partition's times go back once
+    assert times[0] == future and before <= times[1] <= times[2] <= after
 
 
 def test_given_enqueued_times_are_kept_as_they_are(tmp_path):
@@ -156,3 +196,83 @@ def test_several_processes_can_create_the_same_new_hub_file_at_once(tmp_path):
             )
             == 6
         )
+
+
+def test_a_held_write_lock_is_waited_for_then_one_busy_error_and_nothing_appended(tmp_path):
+    path = tmp_path / "hub.db"
+    with LocalHub(path, partitions=1) as hub:
+        hub.append("bookingtopic", events(["k"]))
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with LocalHub(path, busy_timeout=0.2) as hub:
+            started = time.monotonic()
+            with pytest.raises(HubBusy) as error:
+                hub.append("bookingtopic", events(["k", "k"]))
+            assert 0.2 <= time.monotonic() - started < 5
+            with pytest.raises(HubBusy):  # a hub created on first use needs the lock too
+                hub.append("paymentstopic", events(["k"]))
+            assert hub.read("bookingtopic", "0", 0, 10)[0].body == b"e0"  # reads never block
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert isinstance(error.value, RuntimeFailure)
+    assert str(error.value) == (
+        f"the local hub {path} is busy: another process held its write lock for more than 0.2 s"
+    )
+    with LocalHub(path) as hub:
+        assert len(hub.read("bookingtopic", "0", 0, 10)) == 1
+        assert hub.hubs() == ["bookingtopic"]
+        hub.append("paymentstopic", events(["k"]))  # the lock is free: the hub works as before
+        assert [e.body for e in read_all(hub, ["paymentstopic"])] == [b"e0"]
+
+
+def test_run_numbers_count_producer_runs_per_hub_file(tmp_path):
+    with LocalHub(tmp_path / "hub.db") as hub:
+        assert [hub.next_run_number(), hub.next_run_number()] == [1, 2]
+    with LocalHub(tmp_path / "hub.db") as hub:
+        assert hub.next_run_number() == 3
+    with LocalHub(tmp_path / "other.db") as hub:
+        assert hub.next_run_number() == 1
+
+
+def test_clock_ahead_names_the_partition_furthest_ahead(tmp_path):
+    path = tmp_path / "hub.db"
+    now = now_micros()
+    with LocalHub(path, partitions=4) as hub:
+        hub.append("paymentstopic", events(["a", "b", "c"]))  # live: now
+        hub.append("bookingtopic", [OutgoingEvent(None, b"x", now - 3600 * SECOND)])  # the past
+    assert clock_ahead(str(path), now_micros=now + SECOND) is None
+    with LocalHub(path, partitions=4) as hub:
+        hub.append("bookingtopic", [OutgoingEvent("order_1", b"x", now + 79 * 60 * SECOND)])
+        hub.append("bookingtopic", [OutgoingEvent("order_2", b"x", now + 10 * SECOND)])
+        hub.append("bookingtopic", events(["order_1"]))  # live, after the future event
+    partition = partition_for_key("order_1", 4)
+    assert clock_ahead(f"local:{path}", now_micros=now) == (
+        f"partition {partition} of bookingtopic (and 1 other partitions) is 79 minutes ahead of "
+        "now: events were published with future enqueued times (bms produce --simulate or bms "
+        "replay with --allow-future?); a streaming job will not write their rows until then"
+    )
+    warning = clock_ahead(str(path))  # the real now, a moment later
+    assert warning.startswith(f"partition {partition} of bookingtopic (and 1 other partitions) ")
+    assert warning.count("\n") == 0
+    assert clock_ahead(str(path), now_micros=now + 80 * 60 * SECOND) is None
+
+
+def test_clock_ahead_has_nothing_to_say_about_other_hubs(tmp_path):
+    assert clock_ahead(str(tmp_path / "missing.db")) is None
+    assert not (tmp_path / "missing.db").exists()  # asking creates nothing
+    (tmp_path / "not-a-hub.db").write_text("hello")
+    assert clock_ahead(str(tmp_path / "not-a-hub.db")) is None
+    LocalHub(tmp_path / "empty.db").close()
+    assert clock_ahead(str(tmp_path / "empty.db")) is None
+    assert clock_ahead("eventhubs://ns.servicebus.windows.net") is None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [(6, "6 seconds"), (119, "119 seconds"), (4740, "79 minutes"), (5 * 3600, "5 hours"),
+     (1498 * 86400, "1,498 days")],
+)  # fmt: skip
+def test_durations_are_described_for_people(seconds, text):
+    assert describe_duration(seconds) == text

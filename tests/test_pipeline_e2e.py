@@ -307,6 +307,8 @@ def test_a_rerun_over_the_same_hub_adds_nothing_and_the_tables_keep_their_types(
 
 
 def test_bad_run_arguments_give_one_line(tmp_path, capsys, monkeypatch):
+    produce_into(tmp_path / "h.db", "--count", "4", "--simulate", "2026-02-08T10:00:00Z")
+    capsys.readouterr()
     assert (
         main(["run", "--bounded", "--warehouse", "not a url", "--hub", str(tmp_path / "h.db")]) == 2
     )

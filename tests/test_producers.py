@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import io
+import re
 from collections import Counter
 
 import orjson
@@ -16,10 +17,11 @@ from pipeline.cli import main
 from pipeline.io.localhub import LocalHub
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, datetime_to_micros
 from producers.events import EventGenerator, Shares
-from producers.publish import produce
+from producers.publish import produce, random_run_id, simulated_span
 from tests.conftest import produce_into
 
 START = dt.datetime(2026, 2, 8, 10, 0, tzinfo=dt.UTC)
+SECOND = 1_000_000
 
 
 def all_events(path, hub):
@@ -37,6 +39,9 @@ class ListPublisher:
 
     def send(self, hub, events):
         self.sent.extend((hub, event) for event in events)
+
+    def new_run_id(self):
+        return "t"
 
     def close(self):
         pass
@@ -83,6 +88,18 @@ def test_the_same_seed_gives_the_same_events():
 
     assert run(3) == run(3)
     assert run(3) != run(4)
+
+
+def test_simulate_until_ends_the_history_exactly_then():
+    until = dt.datetime(2026, 11, 25, 14, 0, tzinfo=dt.UTC)
+    publisher = ListPublisher()
+    produce(publisher, count=200, seed=9, simulate_until=until, progress=None)
+    times = [event.enqueued_time for _, event in publisher.sent]
+    assert len(times) == 200 and max(times) == datetime_to_micros(until)
+    span = simulated_span(200, 0.4, seed=9)
+    assert min(times) == datetime_to_micros(until - span)
+    with pytest.raises(ValueError, match="needs a count"):
+        produce(ListPublisher(), count=None, simulate_until=until, progress=None)
 
 
 def test_shares_of_late_early_and_failed_payments_are_respected():
@@ -149,13 +166,127 @@ def test_real_time_produce_paces_and_lets_the_hub_stamp_events(tmp_path):
         (["--rate", "0"], "--rate must be more than 0"),
         (["--count", "-1"], "--count must be 0 or more"),
         (["--late-share", "0.7", "--early-share", "0.6"], "cannot exceed 1"),
-        (["--simulate", "tomorrow"], "not an ISO 8601 time"),
+        (["--count", "5", "--simulate", "tomorrow"], "not an ISO 8601 time"),
+        (["--simulate"], "--simulate needs --count"),
+        (["--simulate", "2026-02-08T10:00:00Z"], "--simulate needs --count"),
     ],
 )
 def test_bad_produce_arguments_give_one_line(tmp_path, capsys, args, message):
     assert main(["produce", "--hub", str(tmp_path / "hub.db"), *args]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+
+
+# --- honest time: a simulated history ends now, live events get the real time -----------------
+
+
+def now_micros():
+    return datetime_to_micros(dt.datetime.now(dt.UTC))
+
+
+def order_ids(path):
+    return {orjson.loads(e.body)["order_id"] for e in all_events(path, BOOKING_HUB)}
+
+
+def test_simulate_without_start_publishes_a_history_that_ends_now(tmp_path):
+    hub = tmp_path / "hub.db"
+    before = now_micros()
+    produce_into(hub, "--count", "400", "--simulate", "--seed", "3")
+    after = now_micros()
+    events = all_events(hub, BOOKING_HUB) + all_events(hub, PAYMENT_HUB)
+    times = [e.enqueued_time for e in events]
+    assert len(events) == 400
+    assert before <= max(times) <= after  # ends now, not in the future
+    # 400 events at 0.4 events/s: about 16 minutes of history (a little less: 2.1 events an order)
+    assert 14 * 60 * SECOND < max(times) - min(times) < 17 * 60 * SECOND
+
+
+def test_simulate_without_start_gives_the_seeds_events_back_dated(tmp_path):
+    produce_into(tmp_path / "a.db", "--count", "300", "--simulate", "--seed", "8")
+    produce_into(tmp_path / "b.db", "--count", "300", "--simulate", "2026-02-08T10:00:00Z",
+                 "--seed", "8")  # fmt: skip
+    for name in (BOOKING_HUB, PAYMENT_HUB):
+        back_dated = all_events(tmp_path / "a.db", name)
+        fixed = all_events(tmp_path / "b.db", name)
+        shift = back_dated[0].enqueued_time - fixed[0].enqueued_time
+        assert [(e.partition_key, e.enqueued_time - shift) for e in back_dated] == [
+            (e.partition_key, e.enqueued_time) for e in fixed
+        ]
+
+
+def test_live_events_after_a_simulated_history_get_the_real_time(tmp_path):
+    hub = tmp_path / "hub.db"
+    produce_into(hub, "--count", "2000", "--simulate", "--rate", "0.4")  # the README's session
+    before = now_micros()
+    produce_into(hub, "--count", "30", "--rate", "500")
+    after = now_micros()
+    live = [e for e in all_events(hub, BOOKING_HUB) if e.partition_key.startswith("order_2_")]
+    assert len(live) == 30
+    assert all(before <= e.enqueued_time <= after for e in live)
+    assert after - before < SECOND
+
+
+def test_a_future_history_is_refused_unless_allowed_and_never_drags_live_events(tmp_path, capsys):
+    hub = tmp_path / "hub.db"
+    soon = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    args = ["produce", "--hub", str(hub), "--count", "2000", "--simulate", soon]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and re.search(r"would end 1[01]\d minutes from now", error)
+    assert "--allow-future" in error
+    assert all_events(hub, BOOKING_HUB) == []
+    assert main([*args, "--allow-future"]) == 0
+    before = now_micros()
+    produce_into(hub, "--count", "20", "--rate", "500")
+    after = now_micros()
+    live = [e for e in all_events(hub, BOOKING_HUB) if e.partition_key.startswith("order_2_")]
+    assert len(live) == 20 and all(before <= e.enqueued_time <= after for e in live)
+
+
+def test_a_start_whose_history_ends_before_now_is_accepted(tmp_path):
+    hub = tmp_path / "hub.db"
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=6)
+    # 3,000 events at 9.1/s: ends about a minute ago (a dry run checks; the bound would not do)
+    produce_into(hub, "--count", "3000", "--rate", "9.1", "--seed", "21",
+                 "--simulate", start.strftime("%Y-%m-%dT%H:%M:%SZ"))  # fmt: skip
+    events = all_events(hub, BOOKING_HUB) + all_events(hub, PAYMENT_HUB)
+    assert len(events) == 3000 and max(e.enqueued_time for e in events) <= now_micros()
+
+
+def test_order_ids_differ_between_runs_into_one_hub(tmp_path):
+    hub = tmp_path / "hub.db"
+    produce_into(hub, "--count", "50", "--simulate", "2026-02-08T10:00:00Z", "--seed", "1")
+    first = order_ids(hub)
+    produce_into(hub, "--count", "50", "--simulate", "2026-02-08T10:00:00Z", "--seed", "1")
+    second = order_ids(hub) - first
+    assert first and len(second) == len(first)  # the same seed, yet no id in common
+    assert {i.rsplit("_", 1)[0] for i in first} == {"order_1"}
+    assert {i.rsplit("_", 1)[0] for i in second} == {"order_2"}
+    payment_ids = [orjson.loads(e.body)["payment_id"] for e in all_events(hub, PAYMENT_HUB)]
+    assert len(set(payment_ids)) == len(payment_ids)
+    assert {i.rsplit("_", 1)[0] for i in payment_ids} == {"payment_1", "payment_2"}
+    # in a fresh hub, the same seed still gives the very same events
+    produce_into(tmp_path / "again.db", "--count", "50", "--simulate", "2026-02-08T10:00:00Z",
+                 "--seed", "1")  # fmt: skip
+    assert sorted(e.body for e in all_events(tmp_path / "again.db", BOOKING_HUB)) == sorted(
+        e.body for e in all_events(hub, BOOKING_HUB) if e.partition_key in first
+    )
+
+
+def test_produce_says_what_it_publishes(tmp_path, capsys):
+    hub = tmp_path / "hub.db"
+    assert main(["produce", "--hub", str(hub), "--count", "10", "--simulate",
+                 "2026-02-08T10:00:00Z", "--rate", "2", "--seed", "1"]) == 0  # fmt: skip
+    first_line = capsys.readouterr().err.splitlines()[0]
+    assert first_line.startswith(
+        "simulating 10 events enqueued from 2026-02-08T10:00:00.000Z to 2026-02-08T10:00:0"
+    )
+    assert first_line.endswith("; order ids order_1_1, order_1_2, ...")
+
+
+def test_event_hubs_runs_get_random_short_ids():
+    ids = {random_run_id() for _ in range(50)}
+    assert len(ids) == 50 and all(len(i) == 5 and i.isalnum() and i.islower() for i in ids)
 
 
 def replay_lines(*records):

@@ -48,7 +48,6 @@ from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.coders import coders
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (
     BagStateSpec,
@@ -58,7 +57,7 @@ from apache_beam.transforms.userstate import (
 )
 from apache_beam.utils.timestamp import Timestamp
 
-from pipeline import rules
+from pipeline import metrics, rules
 from pipeline.io.checkpoints import CheckpointStore
 
 _DRAIN = threading.Event()
@@ -184,7 +183,6 @@ class _CommitPositionsFn(beam.DoFn):
 
     def setup(self):
         self._store = self._open_store()
-        self._commits = Metrics.counter("bms", "positions_committed")
 
     def process(
         self,
@@ -209,11 +207,15 @@ class _CommitPositionsFn(beam.DoFn):
         timer_at=_TIMER_AT,
         commit=_COMMIT,
     ):
-        commits, kept = committable(marks.read(), fired_at.micros, self._span, self._bound)
+        pending = list(marks.read())
+        commits, kept = committable(pending, fired_at.micros, self._span, self._bound)
         for (hub, partition), sequence_number in sorted(commits.items()):
             self._store.commit(hub, partition, sequence_number)
             yield hub, partition, sequence_number
-        self._commits.inc(len(commits))
+        metrics.POSITIONS_COMMITTED.inc(len(commits))
+        done = [mark.event_time for mark in pending if mark not in kept]
+        if commits and done:
+            metrics.record_commit(max(done))
         marks.clear()
         for mark in kept:
             marks.add(mark)

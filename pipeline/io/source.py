@@ -32,10 +32,10 @@ from typing import NamedTuple
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
-from apache_beam.metrics import Metrics
 from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
+from pipeline import metrics
 from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
 from pipeline.io.hub import checkpoint_scope, open_hub
 from pipeline.io.positions import StartPosition, first_sequence_number
@@ -143,8 +143,6 @@ class _ReadPartitionFn(beam.DoFn):
 
     def setup(self):
         self._client = open_hub(self._hub_url)
-        self._events_read = Metrics.counter("bms", "events_read")
-        self._events_expired = Metrics.counter("bms", "events_expired")
 
     def teardown(self):
         if self._client is not None:
@@ -208,10 +206,10 @@ class _ReadPartitionFn(beam.DoFn):
                     next_mark_at += MARK_INTERVAL_MICROS
                 yield beam.window.TimestampedValue(event, Timestamp(micros=event.enqueued_time))
                 last = event
-            self._events_read.inc(len(events))
+            metrics.EVENTS_READ.inc(len(events), hub=element.hub)
             position = events[-1].sequence_number + 1
             self._saw_end(element, position)
-            _advance(watermark, events[-1].enqueued_time - self._watermark_delay_micros)
+            _advance(watermark, events[-1].enqueued_time - self._watermark_delay_micros, element)
         yield from _marks(element, last)
         if position >= tracker.current_restriction().stop:  # this piece is read
             if not open_ended and position >= element.stop:  # and so is the partition
@@ -227,7 +225,7 @@ class _ReadPartitionFn(beam.DoFn):
             return
         idle_since = time.time_ns() // 1_000 - self._idle_allowance_micros
         previous = _watermark_micros(watermark)
-        if _advance(watermark, idle_since - self._watermark_delay_micros):
+        if _advance(watermark, idle_since - self._watermark_delay_micros, element):
             current = _watermark_micros(watermark)
             if current // MARK_INTERVAL_MICROS != previous // MARK_INTERVAL_MICROS and (
                 self._ends_at(element, position)
@@ -277,7 +275,7 @@ class _ReadPartitionFn(beam.DoFn):
     def _report_expired(self, element: PartitionRange, position: int, found: int) -> None:
         """An open read fell behind retention: events ``position..found - 1`` are lost. Failing
         would not bring them back, and a restart would fail again at once; so it goes on."""
-        self._events_expired.inc(found - position)
+        metrics.EVENTS_EXPIRED.inc(found - position, hub=element.hub)
         _LOG.warning(
             "partition %s of hub %r: reading from sequence number %d returned events from %d: "
             "events %d..%d expired (retention) before they were read",
@@ -356,11 +354,12 @@ def _watermark_micros(watermark: ManualWatermarkEstimator) -> int:
     return MIN_TIMESTAMP.micros if current is None else current.micros
 
 
-def _advance(watermark: ManualWatermarkEstimator, micros: int) -> bool:
-    """Moves the watermark forward to micros, never back; True if it moved."""
+def _advance(watermark: ManualWatermarkEstimator, micros: int, element: PartitionRange) -> bool:
+    """Moves the partition's watermark forward to micros, never back; True if it moved."""
     current = watermark.current_watermark()
     if current is None or current.micros < micros:
         watermark.set_watermark(Timestamp(micros=micros))
+        metrics.record_watermark(element.hub, element.partition, micros)
         return True
     return False
 

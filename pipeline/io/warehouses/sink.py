@@ -32,9 +32,9 @@ from typing import TypeVar
 
 import apache_beam as beam
 import tenacity
-from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
+from pipeline import metrics
 from pipeline.io import progress
 from pipeline.io.warehouses.base import (
     DEAD_LETTERS,
@@ -74,11 +74,6 @@ class _WriteRowsFn(beam.DoFn):
     def setup(self):
         self._writer = self._open_writer()
         self._unstorable = row_checker(self._target, nul_allowed=self._writer.nul_allowed)
-        self._received = Metrics.counter("bms", f"{self._target}_received")
-        self._written = Metrics.counter("bms", f"{self._target}_written")
-        self._present = Metrics.counter("bms", f"{self._target}_already_present")
-        self._refused = Metrics.counter("bms", f"{self._target}_unstorable")
-        self._retries = Metrics.counter("bms", "warehouse_write_retries")
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(self._writer.is_transient),
             wait=tenacity.wait_random_exponential(multiplier=0.5, max=self._max_backoff),
@@ -96,7 +91,7 @@ class _WriteRowsFn(beam.DoFn):
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
         row = self._to_row(element)
-        self._received.inc()
+        metrics.ROWS_RECEIVED.inc(table=self._target)
         problem = self._unstorable(row)
         if problem is not None:
             yield from self._refuse(WindowedValue(row, timestamp, (window,)), *problem)
@@ -132,8 +127,8 @@ class _WriteRowsFn(beam.DoFn):
             yield from self._write(batch[:middle])
             yield from self._write(batch[middle:])
             return
-        self._written.inc(written)
-        self._present.inc(len(batch) - written)
+        metrics.ROWS_WRITTEN.inc(written, table=self._target)
+        metrics.ROWS_ALREADY_PRESENT.inc(len(batch) - written, table=self._target)
 
     def _insert(self, rows: list[tuple]) -> int:
         return self._with_retries(self._writer.write_batch, rows)
@@ -157,7 +152,7 @@ class _WriteRowsFn(beam.DoFn):
                 _LOG.warning("warehouse %s is back; reading resumes", self._writer.description)
 
     def _waiting(self, state: tenacity.RetryCallState) -> None:
-        self._retries.inc()
+        metrics.WRITE_RETRIES.inc()
         if not progress.reading_paused():
             error = state.outcome.exception() if state.outcome else None
             reason = describe_error(error) if error else "unknown"
@@ -174,7 +169,7 @@ class _WriteRowsFn(beam.DoFn):
             raise WarehouseWriteError(
                 f"{self._writer.description} cannot store a dead letter ({reason})"
             )
-        self._refused.inc()
+        metrics.ROWS_UNSTORABLE.inc(table=self._target)
         described = f"column {column}: {reason}" if column else reason
         letter = DeadLetter.of_row(row.value, column, described)
         yield row.with_value(letter)

@@ -154,6 +154,14 @@ class BmsOptions(PipelineOptions):
         )
         add_flag(
             parser,
+            "--metrics_port",
+            type=int,
+            default=None,
+            help="serve the job's metrics for Prometheus at http://127.0.0.1:PORT/metrics while "
+            "it runs (workers in this process: the local runners)",
+        )
+        add_flag(
+            parser,
             "--read_batch_size",
             type=int,
             default=1000,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import apache_beam as beam
+import prometheus_client
 import sqlalchemy as sa
 from apache_beam.options.pipeline_options import (
     PipelineOptions,
@@ -20,18 +21,20 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from pipeline import metrics, runners
 from pipeline import pipeline as bms_pipeline
-from pipeline import runners
 from pipeline.errors import RuntimeFailure, UsageError
 from pipeline.io import progress
-from pipeline.io.checkpoints import open_checkpoint_store
+from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
 from pipeline.io.hub import checkpoint_scope, open_hub
 from pipeline.io.lease import LeaseHeld, hold_lease
+from pipeline.io.positions import first_sequence_number
 from pipeline.io.warehouses import DEAD_LETTERS, FACTS, masked_url, open_writer, synapse
 from pipeline.io.warehouses.base import WarehouseError, describe_error
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, HUBS, PAYMENT_HUB
+from pipeline.status import StatusLine
 
 _LOG = logging.getLogger("bms")
 STREAMING_JOB_SERVER_TIMEOUT = 30 * 24 * 3600  # seconds: how long an unbounded run can last
@@ -97,7 +100,9 @@ def parse_run_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
+def run_pipeline(
+    options: PipelineOptions, status: bool = True
+) -> beam.runners.runner.PipelineResult:
     """Builds and runs the job, waiting for it to finish.
 
     An unbounded job whose workers run in this process (``--environment_type=LOOPBACK``, the
@@ -109,7 +114,7 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
     _check_hub(bms.hub)
     _check_warehouse(bms.warehouse)
     if bms.checkpoints is None:
-        return _run_job(options, bms)
+        return _run_job(options, bms, status)
     _check_checkpoints(bms.checkpoints, bms.hub)
     lost = threading.Event()
 
@@ -121,7 +126,7 @@ def run_pipeline(options: PipelineOptions) -> beam.runners.runner.PipelineResult
         with hold_lease(
             bms.checkpoints, checkpoint_scope(bms.hub), wait=bms.wait_for_lease, on_lost=lease_lost
         ):
-            result = _run_job(options, bms)
+            result = _run_job(options, bms, status)
     except LeaseHeld as error:
         raise UsageError(str(error)) from None
     except PermissionError as error:
@@ -209,20 +214,64 @@ def _missing_driver(url: str) -> str:
     return f"--warehouse {masked_url(url)}: its database driver is not installed; {hint}"
 
 
-def _run_job(options: PipelineOptions, bms: BmsOptions) -> beam.runners.runner.PipelineResult:
+@contextlib.contextmanager
+def _watching(bms: BmsOptions, status: bool):
+    """While the job runs: the Prometheus endpoint (--metrics-port, on 127.0.0.1 only) and the
+    live status line (unless -q)."""
+    with contextlib.ExitStack() as stack:
+        if bms.metrics_port is not None:
+            try:
+                server, _ = prometheus_client.start_http_server(
+                    bms.metrics_port, addr="127.0.0.1", registry=metrics.REGISTRY
+                )
+            except OSError as error:
+                raise UsageError(
+                    f"--metrics-port {bms.metrics_port}: {error.strerror}; choose another port"
+                ) from None
+            stack.callback(server.server_close)
+            stack.callback(server.shutdown)
+        if status:
+            stack.enter_context(StatusLine(_backlog(bms) if bms.bounded else None))
+        yield
+
+
+def _backlog(bms: BmsOptions) -> int | None:
+    """How many events a bounded run will read: from where each partition starts (its
+    checkpoint, or --start) to its last event now."""
+    resume = {}
+    if bms.checkpoints is not None:
+        store = open_checkpoint_store(bms.checkpoints, checkpoint_scope(bms.hub))
+        with contextlib.closing(store):
+            resume = {hub: resume_positions(store, hub) for hub in HUBS}
+    total = 0
+    with contextlib.closing(open_hub(bms.hub)) as client:
+        for hub in HUBS:
+            for partition in client.partition_ids(hub):
+                first = first_sequence_number(
+                    client, hub, partition, bms.start, resume.get(hub, {}).get(partition)
+                )
+                last = client.partition_properties(hub, partition).last_sequence_number
+                total += max(0, last + 1 - first)
+    return total
+
+
+def _run_job(
+    options: PipelineOptions, bms: BmsOptions, status: bool = True
+) -> beam.runners.runner.PipelineResult:
     pipeline = beam.Pipeline(options=options)
     bms_pipeline.build(pipeline, bms)
     progress.reset_drain()
     runners.fold_fn_api_metrics_eagerly()  # else counters() recurses once per bundle
     try:
-        result = pipeline.run()
-        try:
-            workers_here = options.view_as(PortableOptions).environment_type == "LOOPBACK"
-            with _drain_on_interrupt(enabled=workers_here and not bms.bounded):
-                result.wait_until_finish()
-        except KeyboardInterrupt:
-            result.cancel()
-            raise
+        with _watching(bms, status):
+            result = pipeline.run()
+            try:
+                workers_here = options.view_as(PortableOptions).environment_type == "LOOPBACK"
+                with _drain_on_interrupt(enabled=workers_here and not bms.bounded):
+                    result.wait_until_finish()
+            except KeyboardInterrupt:
+                result.cancel()
+                raise
     except Exception as error:
         cause = _warehouse_failure(error)
         if cause is None:
@@ -323,6 +372,6 @@ def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     options = pipeline_options(args)
-    result = run_pipeline(options)
+    result = run_pipeline(options, status=args.verbosity >= 0)
     print(summary(counters(result), args.warehouse), file=sys.stdout)
     return 0

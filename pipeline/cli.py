@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "pipeline.commands.replay",
     "pipeline.commands.run",
     "pipeline.commands.parity",
+    "pipeline.commands.status",
 )
 
 

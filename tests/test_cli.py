@@ -3,6 +3,7 @@ passed through, one flag style, --version, -v/-q, defaults from the environment.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -158,3 +159,11 @@ def test_unwritable_checkpoints_fail_at_launch(tmp_path, hub, capsys):
     blocker.write_text("a file where a folder should be")
     assert launch(tmp_path, "--checkpoints", str(blocker / "checkpoints"), hub=hub) in (2, 3)
     assert "checkpoints" in one_line(capsys)
+
+
+def test_the_run_summary_as_json_for_scripts(tmp_path, hub, capsys):
+    assert launch(tmp_path, "--output", "json", "-q", hub=hub) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["events_read"]["bookingtopic"] + summary["events_read"]["paymentstopic"] == 20
+    assert summary["fact_rows"]["computed"] == summary["fact_rows"]["newly_written"]
+    assert summary["warehouse"].startswith("sqlite:///")

@@ -318,6 +318,9 @@ def test_a_30_second_database_outage_is_waited_out_without_a_restart(tmp_path, p
             if process.poll() is None:
                 process.kill()
     assert "reading paused" in output and "is back; reading resumes" in output
+    # Its status line (a line every 30 s in a log) shows the watermark moving on.
+    watermarks = re.findall(r"^status: .*watermark (\d\d:\d\d:\d\d)", output, re.MULTILINE)
+    assert len(set(watermarks)) >= 2, output[-3000:]
     retries = int(re.search(r"warehouse write retries: (\d+)", output).group(1))
     final = bms("run", "--bounded", *args)
     assert final.returncode == 0, final.stderr

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
+import os
 import re
 import socket
 import subprocess
@@ -15,6 +17,9 @@ import urllib.request
 
 from pipeline import metrics
 from pipeline.commands.run import counters, parse_run_args, pipeline_options, run_pipeline
+from pipeline.io.hub import checkpoint_scope
+from pipeline.io.lease import hold_lease
+from pipeline.io.localhub import LocalHub
 from pipeline.status import StatusLine
 from tests.conftest import produce_into
 
@@ -99,3 +104,38 @@ def test_prometheus_counters_rise_during_a_run_and_end_at_the_summary(tmp_path):
     assert totals[("bms", "facts_written")] > 0
     with socket.socket() as probe:  # and the port is closed again
         assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def bms_status(*args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", "--output", "json", *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_bms_status_after_a_run_and_while_a_job_holds_the_checkpoints(tmp_path):
+    hub, checkpoints = tmp_path / "hub.db", tmp_path / "checkpoints"
+    produce_into(hub, "--count", "400", "--seed", "4", "--simulate", "2026-02-08T10:00:00Z")
+    options = bounded_options(tmp_path, "--checkpoints", str(checkpoints))
+    totals = counters(run_pipeline(options, status=False))
+    where = ["--hub", str(hub), "--warehouse", f"sqlite:///{tmp_path / 'w.db'}"]
+    report = bms_status(*where, "--checkpoints", str(checkpoints))
+    assert report["warehouse"]["fact_rows"] == totals[("bms", "facts_written")] > 0
+    assert report["lease"] == {"held": False}
+    with LocalHub(hub) as client:
+        for row in report["partitions"]:
+            last = client.partition_properties(row["hub"], row["partition"]).last_sequence_number
+            assert row["last_sequence_number"] == last
+            committed = row["committed"]
+            assert row["resumes_at"] == (0 if committed is None else committed + 1)
+            assert row["backlog"] == last + 1 - row["resumes_at"]
+    assert any(row["committed"] is not None for row in report["partitions"])
+    with hold_lease(str(checkpoints), checkpoint_scope(str(hub))):  # as a running job does
+        held = bms_status(*where, "--checkpoints", str(checkpoints))["lease"]
+    assert held["held"] and held["pid"] == os.getpid()
+    text = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "status", *where], capture_output=True, text=True
+    ).stdout
+    assert "backlog:" in text and "fact rows" in text

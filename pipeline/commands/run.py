@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import re
 import signal
 import sys
 import threading
 from collections.abc import Mapping
-from pathlib import Path
 
 import apache_beam as beam
 import prometheus_client
@@ -26,13 +26,13 @@ from pipeline import pipeline as bms_pipeline
 from pipeline.errors import RuntimeFailure, UsageError
 from pipeline.io import progress
 from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
-from pipeline.io.hub import checkpoint_scope, open_hub
+from pipeline.io.hub import checkpoint_scope, missing_hub, open_hub
 from pipeline.io.lease import LeaseHeld, hold_lease
 from pipeline.io.positions import first_sequence_number
 from pipeline.io.warehouses import DEAD_LETTERS, FACTS, masked_url, open_writer, synapse
 from pipeline.io.warehouses.base import WarehouseError, describe_error
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
-from pipeline.options import BmsOptions
+from pipeline.options import BmsOptions, add_flag
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, FACT_TABLE, HUBS, PAYMENT_HUB
 from pipeline.status import StatusLine
 
@@ -50,6 +50,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(--runner, --flink_master, ...) go to Apache Beam.",
     )
     BmsOptions._add_argparse_args(parser)
+    add_flag(
+        parser,
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="the summary at the end: text (default) or json, for scripts and CI gates",
+    )
     parser.set_defaults(func=run, beam_args_allowed=True)
 
 
@@ -58,7 +65,8 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
 
     Bounded runs default to the in-process FnApiRunner, named explicitly: "DirectRunner" would
     first try to download Prism from GitHub (and, where that works, run on it instead); unbounded
-    runs default to Prism, built locally by scripts/setup-runners.
+    runs default to Prism, built locally by scripts/setup-runners, started by bms the way a
+    terminal needs it (``pipeline.prism``: Ctrl-C reaches bms alone, which drains the job).
     """
     ours = {name: getattr(args, name) for name in _our_option_names()}
     runner = PipelineOptions(args.beam_args).view_as(StandardOptions).runner
@@ -76,7 +84,7 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
             except runners.RunnerNotInstalled as error:
                 raise UsageError(f"{error}; or use --bounded") from None
             defaults |= {
-                "runner": "PrismRunner",
+                "runner": "pipeline.prism.PrismRunner",
                 "prism_location": prism,
                 "environment_type": "LOOPBACK",
             }
@@ -145,20 +153,18 @@ def run_pipeline(
 def _check_hub(url: str) -> None:
     """A local hub must exist (a typo must not read an empty new one); an empty one is worth a
     warning. Azure Event Hubs is checked by the reader itself."""
+    problem = missing_hub(url)
+    if problem is not None:
+        raise UsageError(problem)
     if url.startswith("eventhubs://"):
         return
-    path = Path(url.removeprefix("local:"))
-    if not path.is_file():
-        raise UsageError(
-            f"no hub at {path}: publish events first (bms produce, bms replay) or give --hub"
-        )
     with contextlib.closing(open_hub(url)) as client:
         if all(
             client.partition_properties(hub, partition).last_sequence_number < 0
             for hub in HUBS
             for partition in client.partition_ids(hub)
         ):
-            _LOG.warning("hub %s holds no events yet", path)
+            _LOG.warning("hub %s holds no events yet", url)
 
 
 def _check_checkpoints(location: str, hub_url: str) -> None:
@@ -333,31 +339,57 @@ def counters(result: beam.runners.runner.PipelineResult) -> dict[tuple[str, str]
     return totals
 
 
-def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
-    """What a run did, and where to look at the result."""
+def summary_counts(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> dict:
+    """What a run did, as numbers (``bms run --output json``)."""
 
     def count(name: str) -> int:
         return totals.get(("bms", name), 0)
 
-    read = {BOOKING_HUB: count("booking_events"), PAYMENT_HUB: count("payment_events")}
-    categories = sorted(
-        (name, value)
-        for (namespace, name), value in totals.items()
-        if namespace == ROWS_PER_CATEGORY_NAMESPACE
-    )
+    return {
+        "events_read": {BOOKING_HUB: count("booking_events"), PAYMENT_HUB: count("payment_events")},
+        "fact_rows": {
+            "computed": count("facts_received"),
+            "newly_written": count("facts_written"),
+            "already_present": count("facts_already_present"),
+            "unstorable": count("facts_unstorable"),
+        },
+        "dead_letters": {
+            "total": count("dead_letters_received"),
+            "newly_written": count("dead_letters_written"),
+        },
+        "rows_per_event_category": dict(
+            sorted(
+                (name, value)
+                for (namespace, name), value in totals.items()
+                if namespace == ROWS_PER_CATEGORY_NAMESPACE
+            )
+        ),
+        "warehouse_write_retries": count("warehouse_write_retries"),
+        "positions_committed": count("positions_committed"),
+        "warehouse": masked_url(warehouse_url),
+    }
+
+
+def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
+    """What a run did, and where to look at the result."""
+    counts = summary_counts(totals, warehouse_url)
+    facts, letters = counts["fact_rows"], counts["dead_letters"]
     lines = [
-        "events read: " + ", ".join(f"{hub} {n}" for hub, n in read.items()),
-        f"fact rows: {count('facts_received')} computed, {count('facts_written')} newly "
-        f"written, {count('facts_already_present')} already present"
-        + (f", {count('facts_unstorable')} unstorable" if count("facts_unstorable") else "")
+        "events read: " + ", ".join(f"{hub} {n}" for hub, n in counts["events_read"].items()),
+        f"fact rows: {facts['computed']} computed, {facts['newly_written']} newly written, "
+        f"{facts['already_present']} already present"
+        + (f", {facts['unstorable']} unstorable" if facts["unstorable"] else "")
         + f" (table {FACT_TABLE})",
-        f"dead letters: {count('dead_letters_received')} ({count('dead_letters_written')} newly "
-        f"written; table {DEAD_LETTER_TABLE})",
+        f"dead letters: {letters['total']} ({letters['newly_written']} newly written; "
+        f"table {DEAD_LETTER_TABLE})",
         "rows per event_category: "
-        + (", ".join(f"{name} {value}" for name, value in categories) or "none"),
+        + (
+            ", ".join(f"{name} {n}" for name, n in counts["rows_per_event_category"].items())
+            or "none"
+        ),
     ]
-    if count("warehouse_write_retries"):
-        lines.append(f"warehouse write retries: {count('warehouse_write_retries')}")
+    if counts["warehouse_write_retries"]:
+        lines.append(f"warehouse write retries: {counts['warehouse_write_retries']}")
     url = sa.make_url(warehouse_url) if not synapse.is_odbc_target(warehouse_url) else None
     if url is not None and url.get_backend_name() == "sqlite" and url.database:
         lines += [
@@ -366,12 +398,16 @@ def summary(totals: Mapping[tuple[str, str], int], warehouse_url: str) -> str:
             f'FROM {FACT_TABLE} GROUP BY event_category"',
         ]
     else:
-        lines.append(f"warehouse: {masked_url(warehouse_url)}")
+        lines.append(f"warehouse: {counts['warehouse']}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
     options = pipeline_options(args)
     result = run_pipeline(options, status=args.verbosity >= 0)
-    print(summary(counters(result), args.warehouse), file=sys.stdout)
+    totals = counters(result)
+    if args.output == "json":
+        print(json.dumps(summary_counts(totals, args.warehouse), indent=2))
+    else:
+        print(summary(totals, args.warehouse))
     return 0

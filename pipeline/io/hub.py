@@ -76,6 +76,17 @@ def checkpoint_scope(url: str) -> CheckpointScope:
     return CheckpointScope(str(Path(url.removeprefix("local:")).resolve()), "$Default")
 
 
+def missing_hub(url: str) -> str | None:
+    """Why a local hub URL names no hub (one line), or None. Opening a local hub that does not
+    exist would create an empty one: a typo must not read nothing and succeed."""
+    if url.startswith("eventhubs://"):
+        return None
+    path = Path(url.removeprefix("local:"))
+    if path.is_file():
+        return None
+    return f"no hub at {path}: publish events first (bms produce, bms replay) or give --hub"
+
+
 def open_hub(url: str = DEFAULT_HUB_URL) -> HubClient:
     """The hub client for a URL (see the module docstring)."""
     if url.startswith("eventhubs://"):

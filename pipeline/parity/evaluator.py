@@ -5,14 +5,17 @@ file (``sql/stream_analytics_job_query.sql``) rather than a second hand-written 
 The query is parsed with sqlglot's T-SQL dialect, each step (CTE) is translated to DuckDB SQL with
 explicit rules for the ASA-only parts, and DuckDB executes it over the events:
 
-- inputs (``FROM [bookings]``) are tables of the events' JSON documents, and ``System.Timestamp``
-  is each event's enqueued time (no TIMESTAMP BY). A body that is not strict JSON (RFC 8259: no
+- inputs (``FROM [bookings]``) are tables with one row per event, and ``System.Timestamp`` is
+  each event's enqueued time (no TIMESTAMP BY). A body that is not strict JSON (RFC 8259: no
   NaN, no trailing commas, finite numbers, valid UTF-8) or not a JSON object is dropped, as ASA
   drops what it cannot deserialize; a repeated key keeps its last value;
-- record property access (``b.customer.name``) is JSON extraction; a value keeps its JSON type
-  until it meets a typed context, where a type that does not fit reads as NULL;
-- ``CROSS APPLY GetArrayElements(x) AS s`` unnests a JSON array, ``s.ArrayValue`` is an element;
-  a missing or null ``x`` gives no rows, any other non-array ``x`` is an error that drops the event;
+- record property access (``b.customer.name``) is JSON extraction: each property path the query
+  reads is a JSON column of its input, extracted once per event while the events are loaded
+  (missing: NULL; present: the value's JSON). A value keeps its JSON type until it meets a typed
+  context, where a type that does not fit reads as NULL;
+- ``CROSS APPLY GetArrayElements(x) AS s`` unnests a JSON array, ``s.ArrayValue`` is an element
+  (``x``, a property path, is loaded as the list of its elements' JSON); a missing or null ``x``
+  gives no rows, any other non-array ``x`` is an error that drops the event;
 - ``TRY_CAST(x AS datetime)`` reads ISO 8601 text as UTC (offsets converted, digits past the
   microsecond truncated, surrounding whitespace ignored), else NULL;
 - ``DATENAME(weekday, t)`` is the English weekday, ``DATEPART(hour, t)`` the hour;
@@ -24,6 +27,11 @@ Anything else (TIMESTAMP BY, WHERE, GROUP BY, a join without a time bound, anoth
 raises ``UnsupportedConstruct`` naming it: never a silent guess. It is deliberately
 independent of ``pipeline.rules`` (that is what parity checks), reading only the assumption
 switches, which the SQL cannot express.
+
+Memory: no expression evaluated per array element ever reads a whole event. Were the documents
+themselves in DuckDB, each seat row would parse its booking's document again for every path it
+reads (one booking with 10,000 seats: 10,000 x the whole document, per path, gigabytes). DuckDB
+runs under ``MEMORY_LIMIT`` and spills what exceeds it to a temporary folder.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,8 +57,11 @@ DEFAULT_QUERY = Path(__file__).resolve().parents[2] / "sql" / "stream_analytics_
 #: The job's input aliases and the hubs behind them.
 INPUTS = {"bookings": BOOKING_HUB, "payments": PAYMENT_HUB}
 
+#: DuckDB's memory limit while evaluating; beyond it, joins spill to a temporary folder.
+MEMORY_LIMIT = "1GB"
+_FETCH_ROWS = 100_000  # result rows moved from DuckDB to Python at a time
+
 _TIMESTAMP = "__ts"  # every step carries its events' System.Timestamp in this column
-_DOCUMENT = "__doc"
 _UNITS_MICROS = {
     "MICROSECOND": 1,
     "MILLISECOND": 1_000,
@@ -78,8 +90,6 @@ CREATE MACRO asa_trim(s) AS regexp_replace(s, '^{_SPACE}+|{_SPACE}+$', '', 'g');
 CREATE MACRO asa_datetime(j) AS CASE
     WHEN regexp_full_match(asa_trim(asa_text(j)), '{_ISO_8601}')
     THEN asa_utc(timezone('UTC', TRY_CAST(asa_trim(asa_text(j)) AS TIMESTAMPTZ))) END;
-CREATE MACRO asa_array(j) AS
-    CASE WHEN json_type(j) = 'ARRAY' THEN CAST(j AS JSON[]) ELSE CAST([] AS JSON[]) END;
 """
 
 
@@ -118,22 +128,24 @@ class _Scope:
     steps: dict[str, dict[str, bool]] = field(default_factory=dict)  # alias -> column -> variant
 
 
-class ArrayCheck(NamedTuple):
-    """An input whose events are dropped when a CROSS APPLY GetArrayElements argument is not an
-    array (missing or null is fine: no rows)."""
+class InputColumn(NamedTuple):
+    """A column of an input table: the JSON at a property path of each event's document
+    (``path`` empty: the whole document), or with ``elements`` the list of the JSON of the
+    elements of the array there (a CROSS APPLY GetArrayElements argument; the event is dropped
+    when the value is neither an array, missing nor null)."""
 
-    input_name: str
-    alias: str
-    array_sql: str  # DuckDB SQL of the argument, over the input's documents
-    label: str  # the argument as written in the query
+    name: str
+    path: tuple[str, ...]
+    elements: bool = False
+    label: str = ""  # the argument as written in the query (elements only)
 
 
 class Translation(NamedTuple):
-    """An ASA query in DuckDB SQL, its output columns, and its array checks."""
+    """An ASA query in DuckDB SQL, its output columns, and the columns of each input it reads."""
 
     sql: str
     columns: tuple[str, ...]
-    array_checks: tuple[ArrayCheck, ...]
+    inputs: dict[str, tuple[InputColumn, ...]]
 
 
 @dataclass(frozen=True)
@@ -157,7 +169,10 @@ class _Translator:
     def __init__(self, tree: exp.Expression):
         self._tree = tree
         self._steps: dict[str, dict[str, bool]] = {}  # step name -> column -> variant
-        self._array_checks: list[ArrayCheck] = []
+        # input name -> (path, elements) -> its column
+        self._inputs: dict[str, dict[tuple[tuple[str, ...], bool], InputColumn]] = {
+            name: {} for name in INPUTS
+        }
 
     def translate(self) -> Translation:
         select = self._tree
@@ -171,7 +186,18 @@ class _Translator:
             ctes.append(f"{_quote(name)} AS ({sql})")
         sql, columns = self._step(select, final=True)
         prefix = f"WITH {', '.join(ctes)} " if ctes else ""
-        return Translation(prefix + sql, tuple(columns), tuple(self._array_checks))
+        inputs = {name: tuple(columns.values()) for name, columns in self._inputs.items()}
+        return Translation(prefix + sql, tuple(columns), inputs)
+
+    def _input_column(self, input_name: str, path: list[str], label: str = "") -> str:
+        """The input table column holding a property path (or with ``label``, the elements of
+        the array there), added at its first use."""
+        columns = self._inputs[input_name]
+        key = (tuple(path), bool(label))
+        if key not in columns:
+            name = f"__{'a' if label else 'p'}{len(columns)}"
+            columns[key] = InputColumn(name, tuple(path), bool(label), label)
+        return columns[key].name
 
     def _step(self, select: exp.Select, *, final: bool):
         if not isinstance(select, exp.Select):
@@ -230,20 +256,17 @@ class _Translator:
                 raise UnsupportedConstruct("CROSS APPLY outside a single-input step")
             if len(call.expressions) != 1:
                 raise UnsupportedConstruct(f"CROSS APPLY {call.sql('tsql')}: one argument expected")
-            array = self._value(call.expressions[0], scope, None)
-            if not array.variant:
+            argument = call.expressions[0]
+            path = self._input_path(argument, scope)
+            if path is None:
                 raise UnsupportedConstruct(
                     f"GetArrayElements of a computed value: {call.sql('tsql')}"
                 )
-            self._array_checks.append(
-                ArrayCheck(
-                    scope.input_name, scope.input_alias, array.sql, call.expressions[0].sql("tsql")
-                )
-            )
+            column = self._input_column(scope.input_name, path, argument.sql("tsql"))
             scope.apply_alias = target.alias.lower()
             return (
-                f"CROSS JOIN LATERAL (SELECT unnest(asa_array({array.sql})) AS value) "
-                f"AS {_quote(target.alias)}"
+                f"CROSS JOIN LATERAL (SELECT unnest({_quote(scope.input_alias)}.{column}) "
+                f"AS value) AS {_quote(target.alias)}"
             )
         if join.side or join.kind not in ("", "INNER", None):
             raise UnsupportedConstruct(f"{join.side or ''} {join.kind or ''} JOIN".strip())
@@ -395,11 +418,25 @@ class _Translator:
             if len(parts) == 2:
                 return _Value(element, variant=True)
             return _Value(f"json_extract({element}, {_json_path(parts[2:])})", variant=True)
-        if scope.input_alias is not None:
-            path = parts[1:] if head == scope.input_alias else parts
-            document = f"{_quote(scope.input_alias)}.{_DOCUMENT}"
-            return _Value(f"json_extract({document}, {_json_path(path)})", variant=True)
+        path = self._input_path(node, scope)
+        if path is not None:
+            column = self._input_column(scope.input_name, path)
+            return _Value(f"{_quote(scope.input_alias)}.{column}", variant=True)
         raise UnsupportedConstruct(f"column {'.'.join(parts)}")
+
+    @staticmethod
+    def _input_path(node: exp.Expression, scope: _Scope) -> list[str] | None:
+        """The property path a column reads in the step's input (``b.customer.name`` or
+        ``customer.name``: customer, name), or None if it reads no input property."""
+        if not isinstance(node, exp.Column) or scope.input_alias is None:
+            return None
+        parts = [part.name for part in node.parts]
+        head = parts[0].lower()
+        if [p.lower() for p in parts] == ["system", "timestamp"]:
+            return None
+        if head == scope.apply_alias or (head in scope.steps and len(parts) > 1):
+            return None
+        return parts[1:] if head == scope.input_alias else parts
 
     @staticmethod
     def _typed(value: _Value, sql_type: str | None, name: str) -> _Value:
@@ -448,15 +485,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _document(body: bytes) -> str:
-    """The body as the JSON text of one object (a repeated key keeps its last value), or raises
-    _Unreadable: ASA's input deserializer reads strict JSON (RFC 8259) into records."""
+def _document(body: bytes) -> dict:
+    """The body as one JSON object (a repeated key keeps its last value), or raises _Unreadable:
+    ASA's input deserializer reads strict JSON (RFC 8259) into records."""
     try:
         document = json.loads(
             body.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite_float
         )
-        text = json.dumps(document, ensure_ascii=False, allow_nan=False)
-        text.encode("utf-8")  # a lone surrogate escape (\\ud800) is not a character
+        _json(document).encode("utf-8")  # a lone surrogate escape (\\ud800) is not a character
     except _Unreadable:
         raise
     except UnicodeDecodeError as error:
@@ -468,61 +504,80 @@ def _document(body: bytes) -> str:
     if not isinstance(document, dict):
         kind = _JSON_TYPES.get(type(document), "number")
         raise _Unreadable(f"not a JSON object: the body is a JSON {kind}")
-    return text
+    return document
 
 
-def _load_inputs(database: duckdb.DuckDBPyConnection, events: list[HubEvent]) -> list[DeadLetter]:
-    """One table per input: each readable event's document, System.Timestamp and position."""
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False)
+
+
+_MISSING = object()
+
+
+def _at(document: dict, path: tuple[str, ...]) -> object:
+    """The value at a property path (keys of nested objects), or _MISSING."""
+    value = document
+    for key in path:
+        if not isinstance(value, dict) or key not in value:
+            return _MISSING
+        value = value[key]
+    return value
+
+
+def _input_values(document: dict, columns: tuple[InputColumn, ...]) -> list:
+    """One event's values of its input table's columns, or raises _Unreadable when a CROSS APPLY
+    GetArrayElements argument is neither an array, missing nor null (an error in ASA, a dead
+    letter in the pipeline, never rows)."""
+    values = []
+    for column in columns:
+        value = _at(document, column.path)
+        if not column.elements:
+            values.append(None if value is _MISSING else _json(value))
+        elif isinstance(value, list):
+            values.append([_json(element) for element in value])
+        elif value is _MISSING or value is None:
+            values.append([])
+        else:
+            raise _Unreadable(f"{column.label} is not an array")
+    return values
+
+
+def _load_inputs(
+    database: duckdb.DuckDBPyConnection,
+    events: Iterable[HubEvent],
+    inputs: dict[str, tuple[InputColumn, ...]],
+) -> list[DeadLetter]:
+    """One table per input, one row per readable event: its System.Timestamp and the values of
+    the property paths the query reads. Returns the events dropped, with their reasons."""
     by_hub = {hub: name for name, hub in INPUTS.items()}
-    staged = {name: ([], [], []) for name in INPUTS}  # documents, enqueued times, positions
+    staged = {name: ([], [[] for _ in inputs[name]]) for name in INPUTS}  # micros, columns
     dropped = []
-    for position, event in enumerate(events):
-        if event.hub not in by_hub:
+    for event in events:
+        name = by_hub.get(event.hub)
+        if name is None:
             continue
         try:
-            document = _document(event.body)
+            values = _input_values(_document(event.body), inputs[name])
         except _Unreadable as reason:
             dropped.append(DeadLetter.of(event, str(reason)))
             continue
-        documents, micros, positions = staged[by_hub[event.hub]]
-        documents.append(document)
+        micros, columns = staged[name]
         micros.append(event.enqueued_time)
-        positions.append(position)
-    for name, (documents, micros, positions) in staged.items():
-        arrow = pyarrow.table(
-            {
-                "document": pyarrow.array(documents, pyarrow.string()),
-                "micros": pyarrow.array(micros, pyarrow.int64()),
-                "position": pyarrow.array(positions, pyarrow.int64()),
-            }
-        )
-        database.register("staged", arrow)
-        database.execute(
-            f"CREATE TABLE {_quote(name)} AS SELECT document::JSON AS {_DOCUMENT}, "
-            f"make_timestamp(micros) AS {_TIMESTAMP}, position FROM staged"
-        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    for name, (micros, values) in staged.items():
+        arrays = {"micros": pyarrow.array(micros, pyarrow.int64())}
+        selected = [f"make_timestamp(micros) AS {_TIMESTAMP}"]
+        for column, column_values in zip(inputs[name], values, strict=True):
+            kind = pyarrow.list_(pyarrow.string()) if column.elements else pyarrow.string()
+            arrays[column.name] = pyarrow.array(column_values, kind)
+            json_type = "JSON[]" if column.elements else "JSON"
+            selected.append(f"CAST({column.name} AS {json_type}) AS {column.name}")
+        database.register("staged", pyarrow.table(arrays))
+        database.execute(f"CREATE TABLE {_quote(name)} AS SELECT {', '.join(selected)} FROM staged")
         database.unregister("staged")
-    return dropped
-
-
-def _drop_non_arrays(
-    database: duckdb.DuckDBPyConnection, checks: Iterable[ArrayCheck], events: list[HubEvent]
-) -> list[DeadLetter]:
-    """Removes the events whose GetArrayElements argument is neither an array, missing nor null:
-    an error in ASA, a dead letter in the pipeline, never rows."""
-    dropped = []
-    for check in checks:
-        source = f"{_quote(check.input_name)} AS {_quote(check.alias)}"
-        where = f"json_type({check.array_sql}) NOT IN ('ARRAY', 'NULL')"
-        positions = database.execute(f"SELECT position FROM {source} WHERE {where}").fetchall()
-        database.execute(
-            f"DELETE FROM {_quote(check.input_name)} WHERE position IN "
-            f"(SELECT position FROM {source} WHERE {where})"
-        )
-        dropped += [
-            DeadLetter.of(events[position], f"{check.label} is not an array")
-            for (position,) in positions
-        ]
+        micros.clear()
+        values.clear()
     return dropped
 
 
@@ -530,14 +585,22 @@ def evaluate(events: Iterable[HubEvent], query_path: str | Path = DEFAULT_QUERY)
     """Runs the ASA query file over events (with their enqueued times) in DuckDB: the rows ASA
     would write, and the events it would drop."""
     translation = translate(Path(query_path).read_text())
-    events = list(events)
-    database = duckdb.connect()
-    try:
-        database.execute("SET TimeZone = 'UTC'")
-        database.execute(_MACROS)
-        dropped = _load_inputs(database, events)
-        dropped += _drop_non_arrays(database, translation.array_checks, events)
-        rows = [tuple(row) for row in database.execute(translation.sql).fetchall()]
-    finally:
-        database.close()
+    with tempfile.TemporaryDirectory(prefix="bms-parity-") as spill:
+        database = duckdb.connect(
+            config={
+                "memory_limit": MEMORY_LIMIT,
+                "temp_directory": spill,
+                "preserve_insertion_order": False,  # rows are compared as multisets
+            }
+        )
+        try:
+            database.execute("SET TimeZone = 'UTC'")
+            database.execute(_MACROS)
+            dropped = _load_inputs(database, events, translation.inputs)
+            result = database.execute(translation.sql)
+            rows: list[tuple] = []
+            while batch := result.fetchmany(_FETCH_ROWS):
+                rows += batch
+        finally:
+            database.close()
     return Evaluation(translation.columns, rows, dropped)

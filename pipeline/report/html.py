@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from pipeline.report.queries import DAYS, Report, Section
+from pipeline.report.queries import DAYS, Column, Report, Section
 from pipeline.report.render import describe_range, format_value, iso
 
 __all__ = ["bar_chart", "to_html"]
@@ -122,7 +122,7 @@ def bar_chart(
     bar_w = slot * 0.68
     for index, (label, value) in enumerate(zip(labels, values, strict=True)):
         x = left + index * slot + (slot - bar_w) / 2
-        color = (colors or PALETTE)[index % len(colors or PALETTE)] if colors else PALETTE[0]
+        color = colors[index % len(colors)] if colors else PALETTE[0]
         shown = format_value(value, _KIND[value_kind])
         parts.append(
             f'<rect class="bar" data-label="{escape(label)}" data-value="{value}" '
@@ -152,12 +152,7 @@ def bar_chart(
     return "".join(parts)
 
 
-class _Kind:
-    def __init__(self, kind: str):
-        self.kind = kind
-
-
-_KIND = {kind: _Kind(kind) for kind in ("count", "money", "share", "text")}
+_KIND = {kind: Column("", "", kind) for kind in ("count", "money", "share", "text")}
 
 
 def _label(value) -> str:

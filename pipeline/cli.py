@@ -40,6 +40,8 @@ COMMAND_MODULES = (
     "pipeline.commands.run",
     "pipeline.commands.parity",
     "pipeline.commands.status",
+    "pipeline.commands.report",
+    "pipeline.commands.hub",
 )
 
 

@@ -1,6 +1,14 @@
 """The ASA join as a Beam transform: bookings to payments on order_id, payment 0..120 s later.
 
-``CoGroupByKey`` over sliding windows, as the design asks. Every booking lies in several
+``CoGroupByKey`` on order_id, as the design asks, windowed by what the mode needs:
+
+  - streaming: sliding windows, so pairs come out as event time passes (below);
+  - bounded (``period_seconds=None``, the default of ``bms run --bounded``): the global window.
+    Nothing waits for a window to close in a bounded run, so one group per order holds all of
+    its bookings and payments and each pair is found once by bisection; a sliding window would
+    put every element into ``1 + 120 s / period`` windows for nothing.
+
+Sliding windows (streaming). Every booking lies in several
 overlapping windows, so each pair would be seen several times; a pair is emitted only from the
 booking's *canonical* window, the one whose start is the latest window start at or before the
 booking's timestamp. With ``size = 120 s + period`` that window also holds every payment up to
@@ -25,16 +33,16 @@ from pipeline import rules
 from pipeline.schema import FACT_COLUMN_NAMES, fact_row_key
 
 DEFAULT_PERIOD_SECONDS = 30.0
-#: The default for bounded runs: nothing waits for a window to close there, so longer periods
-#: only save work (an event lies in 1 + 120 s / period windows; 5 at 30 s, 1.2 at 600 s).
-BOUNDED_PERIOD_SECONDS = 600.0
 #: Beam metrics namespace of the fact-row counters, one counter per event_category.
 ROWS_PER_CATEGORY_NAMESPACE = "bms.fact_rows_per_category"
 CATEGORY_INDEX = FACT_COLUMN_NAMES.index("event_category")
 
 
-def window_size_micros(period_seconds: float) -> int:
-    """How long each sliding window lasts: the join's 120 s plus one period."""
+def window_size_micros(period_seconds: float | None) -> int:
+    """How long each sliding window lasts: the join's 120 s plus one period (the join's 120 s
+    for the global window, whose rows come out at the end of the input)."""
+    if period_seconds is None:
+        return rules.JOIN_WINDOW_MICROS
     return rules.JOIN_WINDOW_MICROS + _period_micros(period_seconds)
 
 
@@ -65,12 +73,14 @@ class _EmitCanonicalPairs(beam.DoFn):
         payments = grouped["payments"]
         if not payments:
             return
-        window_start = window.start.micros
-        bookings = [
-            booking
-            for booking in grouped["bookings"]
-            if canonical_window_start(booking[0], self._period_micros) == window_start
-        ]
+        bookings = grouped["bookings"]
+        if self._period_micros is not None:  # sliding windows: the canonical window's only
+            window_start = window.start.micros
+            bookings = [
+                booking
+                for booking in bookings
+                if canonical_window_start(booking[0], self._period_micros) == window_start
+            ]
         if not bookings:
             return
         payments = sorted(payments, key=_MICROS)
@@ -111,20 +121,27 @@ class JoinBookingsToPayments(beam.PTransform):
 
     Args:
       period_seconds: how often a sliding window starts; smaller means earlier output in
-        streaming but more windows per element.
+        streaming but more windows per element. None: the global window (bounded input only:
+        its pairs come out when the input ends).
     """
 
-    def __init__(self, period_seconds: float = DEFAULT_PERIOD_SECONDS):
+    def __init__(self, period_seconds: float | None = DEFAULT_PERIOD_SECONDS):
         super().__init__()
+        if period_seconds is None:
+            self._period_micros = None
+            return
         self._period_micros = _period_micros(period_seconds)
         self._size_micros = window_size_micros(period_seconds)
 
     def expand(self, keyed):
         bookings, payments = keyed
-        windowing = SlidingWindows(
-            size=Duration(micros=self._size_micros),
-            period=Duration(micros=self._period_micros),
-        )
+        if self._period_micros is None:
+            windowing = GlobalWindows()
+        else:
+            windowing = SlidingWindows(
+                size=Duration(micros=self._size_micros),
+                period=Duration(micros=self._period_micros),
+            )
         return (
             {
                 "bookings": bookings | "WindowBookings" >> beam.WindowInto(windowing),

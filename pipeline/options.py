@@ -27,7 +27,7 @@ from pipeline.io.warehouses import (
     DEFAULT_RETRY_DEADLINE_SECONDS,
     DEFAULT_WAREHOUSE_URL,
 )
-from pipeline.join import BOUNDED_PERIOD_SECONDS, DEFAULT_PERIOD_SECONDS
+from pipeline.join import DEFAULT_PERIOD_SECONDS
 
 HUB_ENV = "BMS_HUB"
 WAREHOUSE_ENV = "BMS_WAREHOUSE"
@@ -135,7 +135,7 @@ class BmsOptions(PipelineOptions):
             default=None,
             help="seconds between the starts of the join's sliding windows; shorter means "
             f"earlier output when streaming, more work per event (default: "
-            f"{DEFAULT_PERIOD_SECONDS:g}, or {BOUNDED_PERIOD_SECONDS:g} with --bounded)",
+            f"{DEFAULT_PERIOD_SECONDS:g}; with --bounded none: one group per order)",
         )
         add_flag(
             parser,
@@ -172,8 +172,9 @@ class BmsOptions(PipelineOptions):
         """Seconds the source's watermark trails the enqueued times: events are never late."""
         return self.late_arrival_tolerance if self.event_time == PAYLOAD else 0.0
 
-    def join_period(self) -> float:
-        """The window period to use: the one given, else the default for the run's mode."""
+    def join_period(self) -> float | None:
+        """The window period to use: the one given, else the default for the run's mode (None
+        for bounded runs: the global window, see ``pipeline.join``)."""
         if self.window_period is not None:
             return self.window_period
-        return BOUNDED_PERIOD_SECONDS if self.bounded else DEFAULT_PERIOD_SECONDS
+        return None if self.bounded else DEFAULT_PERIOD_SECONDS

@@ -100,7 +100,8 @@ class ComputeFacts(beam.PTransform):
     Returns ``{"facts": PCollection of 20-tuples, "dead_letters": PCollection of DeadLetter}``.
 
     Args:
-      window_period: seconds between the starts of the join's sliding windows.
+      window_period: seconds between the starts of the join's sliding windows (None: the
+        global window, for bounded input).
       event_time: ``"enqueued"`` (the events' own timestamps, the ASA job's choice) or
         ``"payload"`` (booking_time / payment_time, see ``pipeline.event_time``; the source's
         watermark must then trail the enqueued times by ``late_arrival_tolerance``).
@@ -109,7 +110,7 @@ class ComputeFacts(beam.PTransform):
 
     def __init__(
         self,
-        window_period: float = DEFAULT_PERIOD_SECONDS,
+        window_period: float | None = DEFAULT_PERIOD_SECONDS,
         event_time: str = ENQUEUED,
         late_arrival_tolerance: float = DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
     ):

@@ -131,6 +131,7 @@ class PrismServer(job_server.JobServer):
         self._channel: grpc.Channel | None = None
         self._stub = None
         self._tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -159,19 +160,19 @@ class PrismServer(job_server.JobServer):
         for attempt in range(3):  # the free port picked may be taken before Prism binds it
             port = _free_port()
             self.process = _launch(self._command(port))
-            threading.Thread(
+            self._reader = threading.Thread(
                 target=self._forward_log, args=(self.process,), name="prism-log", daemon=True
-            ).start()
-            self.endpoint = f"{HOST}:{port}"
-            self._channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
-            if self._wait_until_ready():
+            )
+            self._reader.start()
+            if self._wait_until_ready(port):
                 break
-            self._channel.close()
             if attempt == 2:
                 raise RuntimeFailure(
                     f"Prism ({self.binary}) exited at start with code "
                     f"{self.process.returncode}: {self.last_words()}"
                 )
+        self.endpoint = f"{HOST}:{port}"
+        self._channel = grpc.insecure_channel(self.endpoint, options=_CHANNEL_OPTIONS)
         self._stub = beam_job_api_pb2_grpc.JobServiceStub(self._channel)
         _warn_if_exposed(self.process.pid, port)
 
@@ -197,22 +198,19 @@ class PrismServer(job_server.JobServer):
             level, "error"
         )
 
-    def _wait_until_ready(self) -> bool:
-        """True once Prism answers on its port; False if it exited first."""
-        ready = grpc.channel_ready_future(self._channel)
+    def _wait_until_ready(self, port: int) -> bool:
+        """True once Prism listens on its port; False if it exited first."""
         deadline = time.monotonic() + START_TIMEOUT
         while self.process.poll() is None:
-            try:
-                ready.result(timeout=0.2)
+            with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
                 return True
-            except grpc.FutureTimeoutError:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeFailure(
-                        f"Prism ({self.binary}) did not answer on {self.endpoint} within "
-                        f"{START_TIMEOUT} s: {self.last_words()}"
-                    ) from None
-        ready.cancel()
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeFailure(
+                    f"Prism ({self.binary}) did not listen on {HOST}:{port} within "
+                    f"{START_TIMEOUT} s: {self.last_words()}"
+                )
+            time.sleep(0.1)
         return False
 
     def _forward_log(self, process: subprocess.Popen) -> None:
@@ -225,7 +223,8 @@ class PrismServer(job_server.JobServer):
 
     def last_words(self) -> str:
         """Prism's last log line (its error when it failed to start)."""
-        time.sleep(0.1)  # the log thread may still be reading what Prism wrote as it exited
+        if self._reader is not None:  # it may still be reading what Prism wrote as it exited
+            self._reader.join(timeout=2)
         return self._tail[-1] if self._tail else "(nothing in its log)"
 
     def stop(self) -> None:
@@ -249,30 +248,31 @@ class PrismServer(job_server.JobServer):
 def _launch(command: list[str]) -> subprocess.Popen:
     """Prism in a session of its own (no terminal signal reaches it), dying with this process
     (Linux), its output to a pipe."""
+    if sys.platform == "linux":
+        command = [sys.executable, "-I", "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), *command]
     return subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None,
     )
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent: int):
-    """A ``preexec_fn``: the child gets SIGKILL when the thread that started it ends (in bms,
-    the main thread: when bms ends, however it ends). Checks the parent is still there, as it
-    may have died before the call."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
-
-    def preexec() -> None:
-        if prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0 or os.getppid() != parent:
-            os._exit(1)
-
-    return preexec
+# Run before Prism, in the process that becomes Prism: asks the kernel for SIGKILL when its
+# parent (bms's thread that started it: bms's main thread) ends, however it ends, then execs
+# Prism, which keeps that request. A ``preexec_fn`` would do the same, but it makes Python
+# fork (not vfork) bms, whose gRPC threads then print a warning on the terminal.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+prctl = ctypes.CDLL(None, use_errno=True).prctl
+if prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+    sys.exit(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("bms ended before Prism started")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 
 
 def _free_port() -> int:

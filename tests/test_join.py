@@ -202,7 +202,7 @@ cases = st.lists(
     st.tuples(
         st.lists(st.tuples(orders, offsets), max_size=6),
         st.lists(st.tuples(orders, offsets), max_size=6),
-        st.sampled_from([1.0, 7.5, 30.0, 60.0, 600.0]),
+        st.sampled_from([1.0, 7.5, 30.0, 60.0, 600.0, None]),  # None: the global window
     ),
     min_size=1,
     max_size=25,

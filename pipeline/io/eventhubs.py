@@ -6,7 +6,8 @@ Setup (see the README's Azure section): a namespace holding the event hubs ``boo
   - ``eventhubs://NAMESPACE.servicebus.windows.net`` authenticates with azure-identity's
     ``DefaultAzureCredential`` (managed identity, service principal from ``AZURE_CLIENT_ID`` /
     ``AZURE_TENANT_ID`` / ``AZURE_CLIENT_SECRET``, or ``az login``), which needs the role
-    "Azure Event Hubs Data Receiver" (reading) or "... Data Sender" (publishing);
+    "Azure Event Hubs Data Receiver" (reading) or "... Data Sender" (publishing). One credential
+    object serves every client of the process, so tokens are fetched once, not per reader;
   - ``eventhubs://`` with the environment variable ``EVENTHUB_CONNECTION_STRING`` set to a
     namespace-level connection string (a shared access policy) uses that instead. The secret never
     appears in a URL, a flag or a log line.
@@ -24,13 +25,39 @@ SDK's prefetch. The reader is reused while the caller reads on from where it sto
 restarted at the new position when the caller jumps (a split or a restart from a checkpoint).
 The asynchronous client would avoid the threads, but it would need an event loop inside every
 Beam worker thread; one thread per partition being read is cheap and keeps the code synchronous.
-Transient failures (lost connection, timeouts, throttling) are retried inside the SDK, which
-reopens the link at the last event it delivered.
+
+What the service does to readers, and what the reader does about it:
+
+  - Redelivery. After a lost link the SDK reopens it at the last event it delivered, with the
+    original inclusive flag, so that event (and any it had buffered) comes again; once its
+    ``retry_total`` is spent it drops the consumer and, a ``LOAD_BALANCING_INTERVAL`` later,
+    makes a new one from its in-memory checkpoint. The reader therefore drops every event below
+    the next sequence number it expects, and moves that checkpoint (``update_checkpoint``) to
+    the last event it queued, so a new consumer starts right after it. Reading on from the end
+    of a partition starts *inclusive* on its last event and drops that one repeat, rather than
+    asking for the events after it (an exclusive filter exactly on the last sequence number has
+    been reported to return older events).
+  - Epochs. Every reader is an epoch reader (``owner_level``): microseconds since the Unix epoch
+    when it was made, and more than any earlier reader of this process. The service then keeps
+    only the newest reader of a partition in a consumer group and disconnects the others
+    (``amqp:link:stolen``); a disconnected reader stops for good, and the next ``read`` of its
+    partition in that process starts a new one. So residuals of a partition that move between
+    workers never pile up towards the service's limit of 5 readers per partition and consumer
+    group, and the pipeline never needs a reader of another job on its consumer group to go
+    away by itself. Readers not read from for ``idle_close`` seconds are closed.
+  - Throttling. A busy namespace answers with the AMQP condition ``com.microsoft:server-busy``
+    (the SDK raises it as a ``ConnectError``); the reader waits between attempts (4 s, doubling
+    up to a minute) and reads return nothing meanwhile, so the source polls again later, for up
+    to ``throttled_timeout`` seconds before failing.
+  - The partition's last sequence number comes with every event
+    (``track_last_enqueued_event_properties``): a caught-up reader never polls partition
+    properties.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import queue
 import threading
@@ -52,12 +79,74 @@ from pipeline.schema import HubEvent, datetime_to_micros
 CONNECTION_STRING_ENV = "EVENTHUB_CONNECTION_STRING"
 DEFAULT_CONSUMER_GROUP = "$Default"
 URL_SCHEME = "eventhubs://"
+#: Seconds after which the SDK makes a new consumer once one has spent its retries. The SDK's
+#: receive loop spins while it has none, so this is short (its default is 30 s).
+LOAD_BALANCING_INTERVAL = 1.0
+#: AMQP error conditions, as the SDK's errors name them (the part after the namespace prefix).
+SERVER_BUSY = "server-busy"  # com.microsoft:server-busy: throttled
+LINK_STOLEN = "link:stolen"  # amqp:link:stolen: a reader with a higher epoch took the partition
+#: Seconds to wait after a busy answer before the next attempt: the first, and the longest.
+BUSY_BACKOFF = (4.0, 60.0)
+
+_LOG = logging.getLogger(__name__)
 
 CREDENTIAL_HINT = (
     f"set {CONNECTION_STRING_ENV} to a namespace connection string, or give DefaultAzureCredential "
     "an identity (az login, a managed identity, or AZURE_CLIENT_ID/AZURE_TENANT_ID/"
     "AZURE_CLIENT_SECRET) with an 'Azure Event Hubs Data Receiver/Sender' role"
 )
+
+_CREDENTIAL_LOCK = threading.Lock()
+_credential: Any = None
+
+
+def shared_credential() -> Any:
+    """The process's one ``DefaultAzureCredential``, made on first use (it caches its tokens)."""
+    global _credential
+    with _CREDENTIAL_LOCK:
+        if _credential is None:
+            _credential = default_credential()
+        return _credential
+
+
+_OWNER_LEVEL_LOCK = threading.Lock()
+_last_owner_level = 0
+
+
+def next_owner_level() -> int:
+    """The epoch of a new reader: microseconds since the Unix epoch, and more than any epoch given
+    before in this process, so the newest reader of a partition has the highest (readers on other
+    machines are ordered by their clocks)."""
+    global _last_owner_level
+    with _OWNER_LEVEL_LOCK:
+        _last_owner_level = max(_last_owner_level + 1, time.time_ns() // 1_000)
+        return _last_owner_level
+
+
+def error_condition(error: BaseException | None) -> str | None:
+    """The AMQP error condition behind an error, without its namespace prefix: ``server-busy``
+    for ``com.microsoft:server-busy``, ``link:stolen`` for ``amqp:link:stolen``; None if the error
+    carries none. Reads pyamqp's errors (``condition``) and the SDK's (``error``), and their
+    causes."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        condition = getattr(error, "condition", None)
+        if condition is not None:
+            value = getattr(condition, "value", condition)
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+            return text.partition(":")[2] or text
+        named = getattr(error, "error", None)
+        if isinstance(named, str) and named:
+            return named
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def is_server_busy(error: BaseException | None) -> bool:
+    """Whether the service is throttling: ``com.microsoft:server-busy``, however the SDK raised
+    it (a ``ConnectError`` on a link detach, an ``EventDataSendError`` on a rejected send)."""
+    return error_condition(error) == SERVER_BUSY
 
 
 class EventHubsAddress(NamedTuple):
@@ -115,7 +204,7 @@ class EventHubsAddress(NamedTuple):
         return {
             "fully_qualified_namespace": self.namespace,
             "eventhub_name": hub,
-            "credential": default_credential(),
+            "credential": shared_credential(),
         }
 
 
@@ -129,10 +218,18 @@ def _sdk():
     return import_extra("azure.eventhub", "azure")
 
 
-def consumer_client(address: EventHubsAddress, hub: str) -> Any:
-    """An ``EventHubConsumerClient`` for one hub (the SDK's own retries: exponential backoff)."""
+def consumer_client(address: EventHubsAddress, hub: str, **options: Any) -> Any:
+    """An ``EventHubConsumerClient`` for one hub (the SDK's own retries: exponential backoff).
+
+    ``options`` go to the SDK client as they are (e.g. ``retry_total``); the load-balancing
+    interval, which here only says how soon a consumer that spent its retries is made anew, is
+    ``LOAD_BALANCING_INTERVAL`` unless given."""
     sdk = _sdk()
-    arguments = address.client_arguments(hub)
+    arguments = {
+        **address.client_arguments(hub),
+        "load_balancing_interval": LOAD_BALANCING_INTERVAL,
+        **options,
+    }
     if "conn_str" in arguments:
         return sdk.EventHubConsumerClient.from_connection_string(
             consumer_group=address.consumer_group, **arguments
@@ -147,12 +244,21 @@ def event_body(event: Any) -> bytes:
     return event.body_as_str().encode("utf-8")
 
 
-def to_hub_event(hub: str, partition: str, event: Any) -> HubEvent:
-    """An ``azure.eventhub.EventData`` received from the service as a ``HubEvent``."""
+class ReceivedEvent(HubEvent):
+    """A ``HubEvent`` read from Event Hubs, which also knows the service's ``offset`` of the event:
+    the source puts it into its position marks, so checkpoints name it (it equals a plain
+    ``HubEvent`` with the same fields)."""
+
+    offset: str | None = None
+
+
+def to_hub_event(hub: str, partition: str, event: Any) -> ReceivedEvent:
+    """An ``azure.eventhub.EventData`` received from the service as a ``HubEvent`` (a
+    ``ReceivedEvent``, with the event's offset)."""
     partition_key = event.partition_key
     if isinstance(partition_key, bytes):
         partition_key = partition_key.decode("utf-8")
-    return HubEvent(
+    received = ReceivedEvent(
         hub,
         partition,
         event.sequence_number,
@@ -160,6 +266,8 @@ def to_hub_event(hub: str, partition: str, event: Any) -> HubEvent:
         partition_key,
         event_body(event),
     )
+    received.offset = event.offset
+    return received
 
 
 def to_partition_properties(properties: dict[str, Any]) -> PartitionProperties:
@@ -182,17 +290,24 @@ def to_partition_properties(properties: dict[str, Any]) -> PartitionProperties:
 
 
 def starting_position(sequence_number: int, last_known: int) -> dict[str, Any]:
-    """``receive_batch`` arguments that start at sequence_number.
+    """``receive_batch`` arguments that start at sequence_number, or just before it.
 
     The service rejects a sequence-number filter beyond the last event it has, so reading on from
-    the end of a partition asks for the events after the last one instead (or for the start of
-    the stream, offset "-1", when the partition never held any).
+    the end of a partition starts inclusive on the last event (the reader drops that repeat), or
+    at the start of the stream (offset "-1") when the partition never held any. It never asks
+    for the events after the last one (an exclusive filter): one exactly on the last sequence
+    number has been reported to return older events (azure-sdk-for-java #29502).
     """
-    if sequence_number <= last_known:
-        return {"starting_position": sequence_number, "starting_position_inclusive": True}
-    if last_known < 0:
-        return {"starting_position": "-1", "starting_position_inclusive": False}
-    return {"starting_position": last_known, "starting_position_inclusive": False}
+    if last_known >= 0:
+        return {
+            "starting_position": min(sequence_number, last_known),
+            "starting_position_inclusive": True,
+        }
+    return {"starting_position": "-1", "starting_position_inclusive": False}
+
+
+def _utc(micros: int) -> dt.datetime:
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=micros)
 
 
 class HubReadError(RuntimeError):
@@ -200,34 +315,55 @@ class HubReadError(RuntimeError):
 
 
 class _PartitionReader:
-    """Receives one partition from a sequence number on a thread, into a bounded queue."""
+    """Receives one partition from a position on a thread, into a bounded queue.
+
+    ``start`` is the sequence number the first event handed out must have at least: events below
+    it, and below the next one expected after each batch, are repeats and are dropped (None when
+    starting at an enqueued time: the first event delivered sets it).
+    """
 
     def __init__(
         self,
         client: Any,
         hub: str,
         partition: str,
-        start: int,
-        last_known: int,
+        start: int | None,
+        position: dict[str, Any],
         *,
+        owner_level: int,
         max_batch_size: int,
         queue_batches: int,
         prefetch: int,
+        busy_backoff: tuple[float, float] = BUSY_BACKOFF,
     ):
         self.hub = hub
         self.partition = partition
         self.next_sequence_number = start
+        self.owner_level = owner_level
+        #: The partition's last sequence number as the service last reported it with an event.
+        self.last_enqueued = -1
+        #: Set when a reader with a higher epoch took the partition: this one has stopped.
+        self.superseded = False
+        #: When the service began answering "busy" (time.monotonic()), None while it is not.
+        self.throttled_since: float | None = None
+        self.last_used = time.monotonic()
+        self.taking = False
+        self._expected = -1 if start is None else start  # the receiving thread's next
         self._client = client
         self._batches: queue.Queue[list[HubEvent]] = queue.Queue(maxsize=queue_batches)
         self._carry: list[HubEvent] = []
         self._stopping = threading.Event()
         self._error: BaseException | None = None
+        self._busy_backoff = busy_backoff
+        self._busy_delay = busy_backoff[0]
         self._thread = threading.Thread(
             target=self._receive,
             kwargs={
-                **starting_position(start, last_known),
+                **position,
                 "max_batch_size": max_batch_size,
                 "prefetch": prefetch,
+                "owner_level": owner_level,
+                "track_last_enqueued_event_properties": True,
             },
             name=f"eventhubs-{hub}-{partition}",
             daemon=True,
@@ -245,10 +381,20 @@ class _PartitionReader:
         except BaseException as error:  # surfaced to the reading thread by take()
             self._error = error
 
-    def _on_batch(self, _context: Any, events: list[Any]) -> None:
+    def _on_batch(self, context: Any, events: list[Any]) -> None:
         if not events:
             return
-        batch = [to_hub_event(self.hub, self.partition, event) for event in events]
+        self._track(context)
+        fresh = [event for event in events if event.sequence_number >= self._expected]
+        if not fresh:
+            return  # repeats after a reconnect: all handed out already
+        self._expected = fresh[-1].sequence_number + 1
+        self.throttled_since = None
+        self._busy_delay = self._busy_backoff[0]
+        if context is not None:
+            # The SDK's in-memory checkpoint: a consumer it makes anew starts after this event.
+            context.update_checkpoint(fresh[-1])
+        batch = [to_hub_event(self.hub, self.partition, event) for event in fresh]
         while not self._stopping.is_set():
             try:
                 self._batches.put(batch, timeout=0.2)
@@ -256,18 +402,55 @@ class _PartitionReader:
             except queue.Full:
                 continue
 
+    def _track(self, context: Any) -> None:
+        properties = getattr(context, "last_enqueued_event_properties", None)
+        last = properties.get("sequence_number") if properties else None
+        if last is not None and last > self.last_enqueued:
+            self.last_enqueued = last
+
     def _on_error(self, _context: Any, error: BaseException) -> None:
-        # The SDK calls this for each failure, then retries; remember it to explain a timeout.
+        # The SDK calls this when a consumer has spent its retries (and for failures of its
+        # partition listing), then makes a new consumer; remember it to explain a timeout.
         self._error = error
+        condition = error_condition(error)
+        if condition == LINK_STOLEN:
+            # A newer reader has the partition: stop, rather than have the SDK try again with
+            # this reader's (lower) epoch every LOAD_BALANCING_INTERVAL.
+            _LOG.info(
+                "reader of %s partition %s (epoch %d) disconnected: a newer reader took it",
+                self.hub,
+                self.partition,
+                self.owner_level,
+            )
+            self.superseded = True
+            self._stopping.set()
+            self._client.close()
+        elif condition == SERVER_BUSY:
+            if self.throttled_since is None:
+                self.throttled_since = time.monotonic()
+            _LOG.warning(
+                "Event Hubs is throttling reads of %s partition %s: waiting %g s",
+                self.hub,
+                self.partition,
+                self._busy_delay,
+            )
+            self._stopping.wait(self._busy_delay)  # the SDK waits for this callback
+            self._busy_delay = min(self._busy_delay * 2, self._busy_backoff[1])
+
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self.superseded
 
     def take(self, max_events: int, wait: float) -> list[HubEvent]:
         """Up to max_events events, waiting up to ``wait`` seconds for the first one."""
+        self.last_used = time.monotonic()
         events = self._carry
         self._carry = []
         if not events:
             deadline = time.monotonic() + wait
             while not events:
-                if not self._thread.is_alive():
+                if self.superseded and self._batches.empty():
+                    return []
+                if not self._thread.is_alive() and self._batches.empty():
                     raise HubReadError(self._failure())
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -283,6 +466,7 @@ class _PartitionReader:
                 break
         events, self._carry = events[:max_events], events[max_events:]
         self.next_sequence_number = events[-1].sequence_number + 1
+        self.last_used = time.monotonic()
         return events
 
     def last_error(self) -> BaseException | None:
@@ -308,11 +492,15 @@ class EventHubsClient:
 
     Args:
       address: the namespace and consumer group.
-      client_factory: makes an ``EventHubConsumerClient`` for a hub (tests pass a fake).
+      client_factory: makes an ``EventHubConsumerClient`` for a hub (tests pass a fake, or a real
+        client with their own options).
       receive_timeout: seconds to wait for events known to be in a partition before failing.
       idle_wait: seconds to wait for new events when a partition has been read to its end.
       max_batch_size, queue_batches, prefetch: receiving batch size, batches buffered per
         partition, and events the SDK prefetches per partition.
+      idle_close: seconds after which a reader nobody reads from is closed.
+      throttled_timeout: seconds reads may find the service busy before failing.
+      busy_backoff: the first and the longest wait after a busy answer.
     """
 
     def __init__(
@@ -325,19 +513,29 @@ class EventHubsClient:
         max_batch_size: int = 300,
         queue_batches: int = 4,
         prefetch: int = 300,
+        idle_close: float = 5.0,
+        throttled_timeout: float = 600.0,
+        busy_backoff: tuple[float, float] = BUSY_BACKOFF,
     ):
         self.address = address
         self._client_factory = client_factory or (lambda hub: consumer_client(address, hub))
         self._receive_timeout = receive_timeout
         self._idle_wait = idle_wait
+        self._idle_close = idle_close
+        self._throttled_timeout = throttled_timeout
+        self._busy_backoff = busy_backoff
         self._reader_options = {
             "max_batch_size": max_batch_size,
             "queue_batches": queue_batches,
             "prefetch": prefetch,
+            "busy_backoff": busy_backoff,
         }
         self._management: dict[str, Any] = {}  # hub -> client for metadata calls
         self._readers: dict[tuple[str, str], _PartitionReader] = {}
-        self._known_last: dict[tuple[str, str], tuple[int, float]] = {}  # -> (last seq, when)
+        self._known_last: dict[tuple[str, str], tuple[int, float]] = {}  # -> (last seq, asked at)
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._sweeper: threading.Thread | None = None
 
     @classmethod
     def from_url(cls, url: str) -> EventHubsClient:
@@ -353,14 +551,23 @@ class EventHubsClient:
         return self._management[hub]
 
     def _call(self, hub: str, what: str, call: Callable[[Any], Any]) -> Any:
-        try:
-            return call(self._metadata_client(hub))
-        except Exception as error:
-            if is_credential_error(error):
-                raise UsageError(
-                    f"Event Hubs refused to {what}: {error}; {CREDENTIAL_HINT}"
-                ) from None
-            raise
+        """A metadata call, waiting out a busy service (for up to ``throttled_timeout``)."""
+        delay, started = self._busy_backoff[0], time.monotonic()
+        while True:
+            try:
+                return call(self._metadata_client(hub))
+            except Exception as error:
+                if is_credential_error(error):
+                    raise UsageError(
+                        f"Event Hubs refused to {what}: {error}; {CREDENTIAL_HINT}"
+                    ) from None
+                if not is_server_busy(error) or (
+                    time.monotonic() - started + delay > self._throttled_timeout
+                ):
+                    raise
+                _LOG.warning("Event Hubs is busy (to %s): trying again in %g s", what, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self._busy_backoff[1])
 
     def partition_ids(self, hub: str) -> list[str]:
         return [str(p) for p in self._call(hub, "list partitions", lambda c: c.get_partition_ids())]
@@ -376,50 +583,146 @@ class EventHubsClient:
         self._known_last[(hub, partition)] = (properties.last_sequence_number, time.monotonic())
         return properties
 
-    def _events_known_from(self, hub: str, partition: str, sequence_number: int) -> bool:
-        """Whether the partition is known to hold an event at sequence_number or later; asks the
-        service at most once a second so a caught-up reader does not flood it with calls."""
-        last, asked_at = self._known_last.get((hub, partition), (-1, -1e9))
-        if sequence_number <= last:
-            return True
-        if time.monotonic() - asked_at >= 1.0:
+    def _last_known(self, key: tuple[str, str], reader: _PartitionReader | None = None) -> int:
+        """The partition's last sequence number as last heard of (properties, or the events a
+        reader received), without asking the service."""
+        last, asked_at = self._known_last.get(key, (-1, -1e9))
+        if reader is not None and reader.last_enqueued > last:
+            last = reader.last_enqueued
+            self._known_last[key] = (last, asked_at)
+        return last
+
+    def _reader(self, hub: str, partition: str, from_sequence_number: int) -> _PartitionReader:
+        """The reader that hands out ``from_sequence_number`` next: the current one, or a new one
+        (with a new, higher epoch)."""
+        key = (hub, partition)
+        with self._lock:
+            reader = self._readers.get(key)
+            if (
+                reader is not None
+                and reader.next_sequence_number == from_sequence_number
+                and reader.alive()
+            ):
+                reader.last_used = time.monotonic()
+                return reader
+            self._readers.pop(key, None)
+        if reader is not None:
+            reader.close()
+        last, asked_at = self._known_last.get(key, (-1, -1e9))
+        if from_sequence_number > last and time.monotonic() - asked_at >= 1.0:
+            # Starting at or beyond what was last heard of: where does the partition end now?
             last = self.partition_properties(hub, partition).last_sequence_number
-        return sequence_number <= last
+        reader = _PartitionReader(
+            self._client_factory(hub),
+            hub,
+            partition,
+            from_sequence_number,
+            starting_position(from_sequence_number, last),
+            owner_level=next_owner_level(),
+            **self._reader_options,
+        )
+        with self._lock:
+            self._readers[key] = reader
+            if self._sweeper is None:
+                self._sweeper = threading.Thread(
+                    target=self._sweep, name="eventhubs-idle-readers", daemon=True
+                )
+                self._sweeper.start()
+        return reader
 
     def read(
         self, hub: str, partition: str, from_sequence_number: int, max_events: int
     ) -> Sequence[HubEvent]:
         key = (hub, partition)
-        known = self._events_known_from(hub, partition, from_sequence_number)
-        reader = self._readers.get(key)
-        if reader is None or reader.next_sequence_number != from_sequence_number:
-            if reader is not None:
-                reader.close()
-            reader = _PartitionReader(
-                self._client_factory(hub),
-                hub,
-                partition,
-                from_sequence_number,
-                self._known_last[key][0],
-                **self._reader_options,
-            )
-            self._readers[key] = reader
-        events = reader.take(max_events, self._receive_timeout if known else self._idle_wait)
-        if not events and known:
-            error = reader.last_error()
-            if error is not None and is_credential_error(error):
-                raise UsageError(f"Event Hubs refused to receive: {error}; {CREDENTIAL_HINT}")
+        reader = self._reader(hub, partition, from_sequence_number)
+        known = from_sequence_number <= self._last_known(key, reader)
+        wait = self._receive_timeout if known else self._idle_wait
+        if reader.throttled_since is not None:
+            wait = self._idle_wait  # the source polls again later
+        reader.taking = True
+        try:
+            events = reader.take(max_events, wait)
+        finally:
+            reader.taking = False
+        self._last_known(key, reader)
+        if events or not known or reader.superseded:
+            return events  # superseded: a newer reader took the partition; the next read restarts
+        error = reader.last_error()
+        if error is not None and is_credential_error(error):
+            raise UsageError(f"Event Hubs refused to receive: {error}; {CREDENTIAL_HINT}")
+        throttled = reader.throttled_since
+        if throttled is not None and time.monotonic() - throttled < self._throttled_timeout:
+            return []
+        raise HubReadError(
+            f"no events from {hub} partition {partition} at sequence number "
+            f"{from_sequence_number} within {wait:g} s although the "
+            f"partition holds them (last error: {error!r})"
+        )
+
+    def first_sequence_number_at(self, hub: str, partition: str, enqueued_time: int) -> int:
+        """The sequence number of the partition's first event enqueued at or after
+        ``enqueued_time`` (µs, UTC), or the next one to come if there is none: one receiver
+        started at that time (the service filters on milliseconds; earlier events are skipped)."""
+        properties = self.partition_properties(hub, partition)
+        end = properties.last_sequence_number + 1
+        if (
+            properties.last_sequence_number < properties.first_sequence_number
+            or properties.last_enqueued_time is None
+            or properties.last_enqueued_time < enqueued_time
+        ):
+            return end
+        reader = _PartitionReader(
+            self._client_factory(hub),
+            hub,
+            partition,
+            None,
+            {"starting_position": _utc(enqueued_time), "starting_position_inclusive": True},
+            owner_level=next_owner_level(),
+            **self._reader_options,
+        )
+        try:
+            deadline = time.monotonic() + self._receive_timeout
+            while (remaining := deadline - time.monotonic()) > 0:
+                for event in reader.take(1000, remaining):
+                    if event.enqueued_time >= enqueued_time:
+                        return event.sequence_number
             raise HubReadError(
-                f"no events from {hub} partition {partition} at sequence number "
-                f"{from_sequence_number} within {self._receive_timeout:g} s although the "
-                f"partition holds them (last error: {error!r})"
+                f"no events from {hub} partition {partition} at or after enqueued time "
+                f"{_utc(enqueued_time).isoformat()} within {self._receive_timeout:g} s although "
+                f"the partition holds them (last error: {reader.last_error()!r})"
             )
-        return events
+        finally:
+            reader.close()
+
+    def _sweep(self) -> None:
+        """Closes readers nobody read from for ``idle_close`` seconds (a residual that moved to
+        another worker, a finished bounded range)."""
+        while not self._closed.wait(min(1.0, self._idle_close / 2)):
+            now = time.monotonic()
+            with self._lock:
+                idle = [
+                    (key, reader)
+                    for key, reader in self._readers.items()
+                    if not reader.taking and now - reader.last_used > self._idle_close
+                ]
+                for key, _ in idle:
+                    del self._readers[key]
+            for (hub, partition), reader in idle:
+                _LOG.debug("closing the idle reader of %s partition %s", hub, partition)
+                reader.close()
+
+    def open_readers(self) -> int:
+        """How many partition readers are open now."""
+        with self._lock:
+            return len(self._readers)
 
     def close(self) -> None:
-        for reader in self._readers.values():
+        self._closed.set()
+        with self._lock:
+            readers = list(self._readers.values())
+            self._readers.clear()
+        for reader in readers:
             reader.close()
         for client in self._management.values():
             client.close()
-        self._readers.clear()
         self._management.clear()

@@ -60,6 +60,7 @@ INPUTS = {"bookings": BOOKING_HUB, "payments": PAYMENT_HUB}
 #: DuckDB's memory limit while evaluating; beyond it, joins spill to a temporary folder.
 MEMORY_LIMIT = "1GB"
 _FETCH_ROWS = 100_000  # result rows moved from DuckDB to Python at a time
+_LOAD_BATCH = 100_000  # values (array elements count one each) loaded into DuckDB at a time
 
 _TIMESTAMP = "__ts"  # every step carries its events' System.Timestamp in this column
 _UNITS_MICROS = {
@@ -265,8 +266,8 @@ class _Translator:
             column = self._input_column(scope.input_name, path, argument.sql("tsql"))
             scope.apply_alias = target.alias.lower()
             return (
-                f"CROSS JOIN LATERAL (SELECT unnest({_quote(scope.input_alias)}.{column}) "
-                f"AS value) AS {_quote(target.alias)}"
+                "CROSS JOIN LATERAL (SELECT CAST(unnest("
+                f"{_quote(scope.input_alias)}.{column}) AS JSON) AS value) AS {_quote(target.alias)}"
             )
         if join.side or join.kind not in ("", "INNER", None):
             raise UnsupportedConstruct(f"{join.side or ''} {join.kind or ''} JOIN".strip())
@@ -542,6 +543,46 @@ def _input_values(document: dict, columns: tuple[InputColumn, ...]) -> list:
     return values
 
 
+class _Staged:
+    """One input table being loaded: values gathered in Python, inserted into DuckDB in batches
+    so that Python never holds more than a batch of them."""
+
+    def __init__(self, database: duckdb.DuckDBPyConnection, name: str, columns):
+        self._database, self._name, self._columns = database, name, columns
+        self._micros: list[int] = []
+        self._values: list[list] = [[] for _ in columns]
+        self._size = 0
+        definitions = [
+            f"{_TIMESTAMP} TIMESTAMP",
+            *(f"{c.name} {'VARCHAR[]' if c.elements else 'JSON'}" for c in columns),
+        ]
+        database.execute(f"CREATE TABLE {_quote(name)} ({', '.join(definitions)})")
+
+    def add(self, enqueued_time: int, values: list) -> None:
+        self._micros.append(enqueued_time)
+        for column, value in zip(self._values, values, strict=True):
+            column.append(value)
+            self._size += len(value) if isinstance(value, list) else 1
+        if self._size >= _LOAD_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._micros:
+            return
+        arrays = {"micros": pyarrow.array(self._micros, pyarrow.int64())}
+        selected = ["make_timestamp(micros)"]
+        for column, values in zip(self._columns, self._values, strict=True):
+            kind = pyarrow.list_(pyarrow.string()) if column.elements else pyarrow.string()
+            arrays[column.name] = pyarrow.array(values, kind)
+            selected.append(column.name)
+        self._database.register("staged", pyarrow.table(arrays))
+        self._database.execute(
+            f"INSERT INTO {_quote(self._name)} SELECT {', '.join(selected)} FROM staged"
+        )
+        self._database.unregister("staged")
+        self._micros, self._values, self._size = [], [[] for _ in self._columns], 0
+
+
 def _load_inputs(
     database: duckdb.DuckDBPyConnection,
     events: Iterable[HubEvent],
@@ -550,7 +591,7 @@ def _load_inputs(
     """One table per input, one row per readable event: its System.Timestamp and the values of
     the property paths the query reads. Returns the events dropped, with their reasons."""
     by_hub = {hub: name for name, hub in INPUTS.items()}
-    staged = {name: ([], [[] for _ in inputs[name]]) for name in INPUTS}  # micros, columns
+    tables = {name: _Staged(database, name, inputs[name]) for name in INPUTS}
     dropped = []
     for event in events:
         name = by_hub.get(event.hub)
@@ -561,23 +602,9 @@ def _load_inputs(
         except _Unreadable as reason:
             dropped.append(DeadLetter.of(event, str(reason)))
             continue
-        micros, columns = staged[name]
-        micros.append(event.enqueued_time)
-        for column, value in zip(columns, values, strict=True):
-            column.append(value)
-    for name, (micros, values) in staged.items():
-        arrays = {"micros": pyarrow.array(micros, pyarrow.int64())}
-        selected = [f"make_timestamp(micros) AS {_TIMESTAMP}"]
-        for column, column_values in zip(inputs[name], values, strict=True):
-            kind = pyarrow.list_(pyarrow.string()) if column.elements else pyarrow.string()
-            arrays[column.name] = pyarrow.array(column_values, kind)
-            json_type = "JSON[]" if column.elements else "JSON"
-            selected.append(f"CAST({column.name} AS {json_type}) AS {column.name}")
-        database.register("staged", pyarrow.table(arrays))
-        database.execute(f"CREATE TABLE {_quote(name)} AS SELECT {', '.join(selected)} FROM staged")
-        database.unregister("staged")
-        micros.clear()
-        values.clear()
+        tables[name].add(event.enqueued_time, values)
+    for table in tables.values():
+        table.flush()
     return dropped
 
 

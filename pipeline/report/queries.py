@@ -162,7 +162,9 @@ def recent_query(facts: sa.Table, where: Where, limit: int) -> sa.Select:
     """``SELECT TOP n ... ORDER BY booking_time DESC``, NULL times last on every database (SQL
     Server has no ``NULLS LAST``), ties broken by order, seat and payment."""
     c = facts.c
-    null_last = sa.case((c.booking_time.is_(None), sa.literal_column("1")), else_=sa.literal_column("0"))
+    null_last = sa.case(
+        (c.booking_time.is_(None), sa.literal_column("1")), else_=sa.literal_column("0")
+    )
     return (
         sa.select(*(c[column.key] for column in RECENT_COLUMNS))
         .where(*where)
@@ -440,11 +442,15 @@ def open_engine(url: str) -> sa.Engine:
         raise UsageError(
             f"--warehouse {url!r} is not a database URL; try sqlite:///path/to/warehouse.db"
         ) from None
-    if parsed.get_backend_name() == "sqlite" and parsed.query.get("uri") != "true":
-        if parsed.database not in (None, "", ":memory:") and not Path(parsed.database).is_file():
-            raise UsageError(
-                f"no warehouse at {parsed.database}: run bms run first, or give --warehouse"
-            )
+    if (
+        parsed.get_backend_name() == "sqlite"
+        and parsed.query.get("uri") != "true"
+        and parsed.database not in (None, "", ":memory:")
+        and not Path(parsed.database).is_file()
+    ):
+        raise UsageError(
+            f"no warehouse at {parsed.database}: run bms run first, or give --warehouse"
+        )
     try:
         return create_engine(url)
     except (ImportError, sa.exc.NoSuchModuleError):

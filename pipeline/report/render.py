@@ -15,6 +15,8 @@ from pipeline.report.queries import Column, Report, Section
 
 __all__ = ["format_value", "heading_lines", "to_csv", "to_json", "to_terminal"]
 
+PIPE_WIDTH = 200
+
 
 def iso(moment: dt.datetime | None) -> str | None:
     """A naive UTC datetime as ISO 8601 with a Z; microseconds only when there are any."""
@@ -82,6 +84,8 @@ def _rich_table(section: Section) -> Table:
 def to_terminal(report: Report, file: TextIO | None = None) -> None:
     """Aligned tables, one per query, under the heading lines. Colours only on a terminal."""
     console = Console(file=file, highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # a pipe or a file: no width to fit, so do not squeeze
+        console.width = max(console.width, PIPE_WIDTH)
     for line in heading_lines(report):
         console.print(line, markup=False)
     for section in report.sections:

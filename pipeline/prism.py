@@ -26,16 +26,13 @@ a worker that runs their code in bms.
 from __future__ import annotations
 
 import atexit
-import collections
 import contextlib
-import ctypes
 import functools
 import ipaddress
 import json
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -61,8 +58,12 @@ START_TIMEOUT = 60  # seconds for Prism to answer on its port
 STOP_TIMEOUT = 5  # seconds between SIGTERM and SIGKILL
 _LOG = logging.getLogger("bms")
 PRISM_LOG = logging.getLogger("apache_beam.prism")
-_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARN": logging.WARNING}
-_LEVELS["ERROR"] = logging.ERROR
+_LEVELS = {  # Prism's (Go's slog) level names
+    "DEBUG": logging.DEBUG,
+    "INFO": logging.INFO,
+    "WARN": logging.WARNING,
+    "ERROR": logging.ERROR,
+}
 # Beam's job-service channel options (SubprocessServer): no size limits, a long-lived stream.
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
@@ -130,7 +131,7 @@ class PrismServer(job_server.JobServer):
         self.endpoint: str | None = None
         self._channel: grpc.Channel | None = None
         self._stub = None
-        self._tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._last_line = ""
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -214,18 +215,18 @@ class PrismServer(job_server.JobServer):
         return False
 
     def _forward_log(self, process: subprocess.Popen) -> None:
-        """Prism's JSON log lines, by level, to ``PRISM_LOG``; the last few kept for errors."""
+        """Prism's JSON log lines, by level, to ``PRISM_LOG``; the last one kept for errors."""
         for raw in process.stdout:
             level, message = _parse_log_line(raw.decode(errors="backslashreplace").rstrip())
             if message:
-                self._tail.append(message)
+                self._last_line = message
                 PRISM_LOG.log(level, "%s", message)
 
     def last_words(self) -> str:
         """Prism's last log line (its error when it failed to start)."""
         if self._reader is not None:  # it may still be reading what Prism wrote as it exited
             self._reader.join(timeout=2)
-        return self._tail[-1] if self._tail else "(nothing in its log)"
+        return self._last_line or "(nothing in its log)"
 
     def stop(self) -> None:
         """Stops Prism: SIGTERM, then SIGKILL if it is still there after ``STOP_TIMEOUT``."""

@@ -20,7 +20,8 @@ def cache_dir() -> Path:
 
 
 def prism_binary() -> str:
-    """The Prism runner binary (built from Beam's Go module by scripts/setup-runners)."""
+    """The Prism runner binary (built from Beam's Go module by scripts/setup-runners), which
+    ``pipeline.prism`` starts for streaming runs."""
     path = Path(os.environ.get("PRISM_BIN", cache_dir() / "bin" / "prism"))
     if not path.is_file():
         raise RunnerNotInstalled(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import os
 import re
 import shutil
@@ -28,7 +29,7 @@ from pipeline.io.hub import OutgoingEvent, checkpoint_scope
 from pipeline.io.localhub import LocalHub
 from pipeline.io.positions import StartPosition, first_sequence_number
 from pipeline.schema import datetime_to_micros
-from tests.conftest import produce_into
+from tests.conftest import missing, produce_into
 
 SCOPE = CheckpointScope("local", "$Default")
 
@@ -36,7 +37,7 @@ SCOPE = CheckpointScope("local", "$Default")
 def test_file_store_commits_move_forward_only_and_resume_after_the_last(tmp_path):
     store = FileCheckpointStore(tmp_path, SCOPE)
     assert store.last_processed("bookingtopic") == {}
-    store.commit("bookingtopic", "0", 10)
+    store.commit("bookingtopic", "0", 10, offset="5120")
     store.commit("bookingtopic", "0", 7)  # a late commit of an older position
     store.commit("bookingtopic", "1", 3)
     store.commit("paymentstopic", "0", 99)
@@ -44,6 +45,8 @@ def test_file_store_commits_move_forward_only_and_resume_after_the_last(tmp_path
     assert reopened.last_processed("bookingtopic") == {"0": 10, "1": 3}
     assert resume_positions(reopened, "bookingtopic") == {"0": 11, "1": 4}
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temp files left
+    record = json.loads(next(tmp_path.rglob("0.json")).read_text())
+    assert record["sequence_number"] == 10 and record["offset"] == "5120"
 
 
 def test_checkpoint_locations_and_scopes_follow_the_hub_url(tmp_path, monkeypatch):
@@ -125,6 +128,9 @@ def test_first_sequence_number_for_each_kind_of_start(hub):
     assert at(hub, "bookingtopic", "0", StartPosition.at_time(BASE + 10**9)) == 10
     assert at(hub, "bookingtopic", "0", StartPosition.at_sequence_numbers({"0": 6})) == 6
     assert at(hub, "bookingtopic", "0", StartPosition.latest(), resume_at=3) == 3
+    # Starts beyond the partition's next event are moved down to it.
+    assert at(hub, "bookingtopic", "0", StartPosition.at_sequence_numbers({"0": 60})) == 10
+    assert at(hub, "bookingtopic", "0", StartPosition.earliest(), resume_at=99) == 10
 
 
 @given(
@@ -154,7 +160,7 @@ def azurite(tmp_path_factory):
     """Azurite's blob service on a free port, with an account whose key this run makes up."""
     executable = shutil.which("azurite-blob") or (str(AZURITE) if AZURITE.exists() else None)
     if executable is None:
-        pytest.skip("Azurite is not installed: run scripts/setup-services")
+        missing("Azurite is not installed: run scripts/setup-services")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -195,19 +201,20 @@ def test_blob_store_in_the_sdk_layout_on_azurite(azurite):
     scope = CheckpointScope("ns.servicebus.windows.net", "bms")
     store = BlobCheckpointStore(scope, "checkpoints", connection_string=azurite)
     assert store.last_processed("bookingtopic") == {}
-    store.commit("bookingtopic", "0", 41)
-    store.commit("bookingtopic", "0", 12)  # older: ignored
-    store.commit("bookingtopic", "3", 7)
-    store.commit("paymentstopic", "0", 1)
+    store.commit("bookingtopic", "0", 41, offset="20992")
+    store.commit("bookingtopic", "0", 12, offset="6144")  # older: ignored
+    store.commit("bookingtopic", "3", 7, offset="3584")
+    store.commit("bookingtopic", "3", 9)  # no offset: never written with a made-up one
+    store.commit("paymentstopic", "0", 1, offset="512")
     again = BlobCheckpointStore(scope, "checkpoints", connection_string=azurite)
     assert resume_positions(again, "bookingtopic") == {"0": 42, "3": 8}
     other_group = BlobCheckpointStore(scope._replace(consumer_group="x"), "checkpoints", azurite)
     assert other_group.last_processed("bookingtopic") == {}
     # The SDK's own processor finds them where it looks for checkpoints:
     listed = sdk_store.list_checkpoints("ns.servicebus.windows.net", "bookingtopic", "bms")
-    assert sorted((c["partition_id"], c["sequence_number"]) for c in listed) == [
-        ("0", 41),
-        ("3", 7),
+    assert sorted((c["partition_id"], c["sequence_number"], c["offset"]) for c in listed) == [
+        ("0", 41, "20992"),
+        ("3", 7, "3584"),
     ]
     store.close()
     again.close()

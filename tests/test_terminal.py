@@ -282,10 +282,13 @@ def test_listening_addresses_are_read_from_proc(family, address):
     assert not prism.is_loopback("0.0.0.0") and not prism.is_loopback("::")
 
 
-@pytest.mark.parametrize("ending", ["sys.exit(0)", "raise SystemExit(3)", "1 / 0"])
-def test_prism_stops_when_its_process_exits(prism_binary, ending):
+@pytest.mark.parametrize(
+    "ending", ["sys.exit(0)", "raise SystemExit(3)", "1 / 0", "os.kill(os.getpid(), 9)"]
+)
+def test_prism_ends_with_the_process_that_started_it(prism_binary, ending):
+    """Stopped at exit; on kill -9 (no exit handler runs) killed by the kernel, even idle."""
     script = (
-        "import sys\n"
+        "import os, sys\n"
         "from pipeline.prism import PrismServer\n"
         f"server = PrismServer({prism_binary!r})\n"
         "server.start()\n"
@@ -296,7 +299,10 @@ def test_prism_stops_when_its_process_exits(prism_binary, ending):
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip().isdigit(), done.stderr
-    assert not alive(int(done.stdout))  # bms reaps it: not even a zombie is left
+    if "kill" in ending:
+        assert_gone_soon(int(done.stdout))
+    else:
+        assert not alive(int(done.stdout))  # stopped and reaped at exit: not even a zombie
 
 
 def test_a_prism_that_cannot_start_is_one_line_naming_its_last_words(tmp_path):

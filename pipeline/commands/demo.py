@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         count=args.count,
         seed=args.seed,
         shares=Shares(malformed=DEMO_MALFORMED_SHARE),
-        simulate_from=dt.datetime.now(dt.UTC).replace(microsecond=0),
+        simulate_until=dt.datetime.now(dt.UTC),
         progress=None,
     )
     print("running the pipeline (bounded) ...", file=sys.stderr)

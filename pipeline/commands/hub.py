@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import functools
 import heapq
+import logging
 import os
 import sys
 import tempfile
@@ -35,6 +36,8 @@ from pipeline.options import HUB_ENV, add_flag, env_default, shown
 from pipeline.schema import HUBS, HubEvent, datetime_to_micros, micros_to_datetime
 
 READ_PAGE = 1000
+PIPE_WIDTH = 200
+_LOG = logging.getLogger(__name__)
 
 
 # ---- command line ----
@@ -88,8 +91,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         export,
         "--hub-name",
         metavar="NAME",
-        required=True,
-        help=f"the event hub to export ({' or '.join(HUBS)})",
+        help=f"the event hub to export ({' or '.join(HUBS)}); required",
     )
     export.add_argument("file", metavar="FILE", help="JSON Lines file to write, or - for stdout")
     ls.set_defaults(func=run_ls)
@@ -203,6 +205,8 @@ def run_ls(args: argparse.Namespace) -> int:
         names = hub_names(client, args.hub, args.hub_name)
         listing = list_partitions(client, names)
     console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # a pipe or a file: no width to fit, so do not squeeze
+        console.width = max(console.width, PIPE_WIDTH)
     if not names:
         console.print(f"{args.hub}: no event hubs yet (bms produce or bms replay makes them)")
         return 0
@@ -236,7 +240,7 @@ def run_ls(args: argparse.Namespace) -> int:
         lasts = [i.last_enqueued for i in rows if i.last_enqueued is not None]
         table.add_row(
             f"{hub} (all)",
-            f"{len(rows)}",
+            f"all {len(rows)}",
             f"{total:,}",
             "",
             _iso(min(firsts, default=None)),
@@ -245,15 +249,24 @@ def run_ls(args: argparse.Namespace) -> int:
             end_section=True,
         )
     console.print(table)
-    ahead = [info for info in listing if info.ahead_by]
-    for info in ahead:
-        print(
-            f"warning: partition {info.partition} of {info.hub} is "
-            f"{describe_duration(info.ahead_by)} ahead of now (last enqueued "
-            f"{_iso(info.last_enqueued)}): events were published with future enqueued times; a "
-            "streaming job will not write their rows until then",
-            file=sys.stderr,
+    for hub in names:
+        ahead = sorted(
+            (info for info in listing if info.hub == hub and info.ahead_by),
+            key=lambda info: -info.ahead_by,
         )
+        if ahead:
+            first = ahead[0]
+            others = f" (and {len(ahead) - 1} other partitions)" if len(ahead) > 1 else ""
+            _LOG.warning(
+                "partition %s of %s%s is %s ahead of now (last enqueued %s): events were "
+                "published with future enqueued times; a streaming job will not write their "
+                "rows until then",
+                first.partition,
+                hub,
+                others,
+                describe_duration(first.ahead_by),
+                _iso(first.last_enqueued),
+            )
     return 0
 
 
@@ -320,6 +333,8 @@ class ExportTotals(NamedTuple):
 
 def run_export(args: argparse.Namespace) -> int:
     with contextlib.closing(open_existing_hub(args.hub)) as client:
+        if args.hub_name is None:
+            raise UsageError(f"name the event hub to export with --hub-name ({' or '.join(HUBS)})")
         (name,) = hub_names(client, args.hub, args.hub_name)
         if args.file == "-":
             totals = export(client, name, sys.stdout.buffer.write)

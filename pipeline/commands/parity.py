@@ -3,19 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import re
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import duckdb
+import sqlalchemy as sa
 
 from pipeline import rules
-from pipeline.errors import UsageError
+from pipeline.errors import RuntimeFailure, UsageError
 from pipeline.io.hub import DEFAULT_HUB_URL, open_hub
-from pipeline.io.warehouses import DEFAULT_WAREHOUSE_URL, read_dead_letters, read_facts
+from pipeline.io.warehouses import (
+    DEFAULT_WAREHOUSE_URL,
+    create_engine,
+    read_dead_letters,
+    read_facts,
+    synapse,
+)
+from pipeline.io.warehouses.base import describe_error
+from pipeline.parity import evaluator
 from pipeline.parity.compare import compare
 from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate
 from pipeline.schema import (
     DEAD_LETTER_TABLE,
     FACT_COLUMN_NAMES,
+    FACT_SCHEMA,
     FACT_TABLE,
     HUBS,
     DeadLetter,
@@ -36,7 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Compare two fact tables row for row (for example the one ASA wrote in "
         "Synapse and the one this pipeline wrote), or with --events the warehouse with what the "
         "kept ASA query gives on the events in the hub. Prints counts, missing and extra rows "
-        "and changed values; exits 1 on any difference, 0 when equal.",
+        "and changed values. Exit status: 0 equal, 1 a difference, 2 a usage error (a bad URL, "
+        "a missing table or file), 3 a runtime failure (a database that cannot be reached).",
     )
     parser.add_argument("left", nargs="?", metavar="LEFT_URL", help="warehouse URL (expected)")
     parser.add_argument("right", nargs="?", metavar="RIGHT_URL", help="warehouse URL (actual)")
@@ -76,20 +93,200 @@ def _time(text: str | None, flag: str) -> dt.datetime | None:
     return moment
 
 
-def _hub_events(url: str) -> list[HubEvent]:
-    """Every event the hub holds now, read partition by partition in pages."""
-    client = open_hub(url)
-    events: list[HubEvent] = []
+def _hub_events(url: str) -> Iterator[HubEvent]:
+    """Every event the hub holds now, read partition by partition in pages (a generator: the
+    evaluator loads them as they come)."""
+    if not url.startswith("eventhubs://"):
+        path = Path(url.removeprefix("local:"))
+        if not path.is_file():  # opening it would create an empty hub
+            raise UsageError(f"no hub at {path}: give --hub (a local hub file or eventhubs://)")
     try:
-        for hub in HUBS:
-            for partition in client.partition_ids(hub):
-                page = client.read(hub, partition, 0, READ_PAGE)
-                while page:
-                    events += page
-                    page = client.read(hub, partition, page[-1].sequence_number + 1, READ_PAGE)
-    finally:
-        client.close()
-    return events
+        client = open_hub(url)
+        try:
+            for hub in HUBS:
+                for partition in client.partition_ids(hub):
+                    page = client.read(hub, partition, 0, READ_PAGE)
+                    while page:
+                        yield from page
+                        page = client.read(hub, partition, page[-1].sequence_number + 1, READ_PAGE)
+        finally:
+            client.close()
+    except (UsageError, RuntimeFailure):
+        raise
+    except Exception as error:
+        raise RuntimeFailure(
+            f"cannot read the hub {_shown_hub(url)}: {_scrub(describe_error(error), url)}"
+        ) from None
+
+
+# -- warehouse URLs: printed without secrets, errors classified -------------------------------
+
+_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|sig|credential|odbc_connect", re.IGNORECASE)
+_ODBC_SHOWN = ("driver", "server", "database")
+_MISSING_ODBC_DRIVER = re.compile(r"Can't open lib|\bIM002\b|Data source name not found")
+_DRIVER_HINTS = {
+    "postgresql": "pip install -e '.[postgres]' and write postgresql+psycopg://USER@HOST/DB",
+    "mssql": "pip install -e '.[synapse]' (and Microsoft's ODBC Driver 18, see the README)",
+}
+
+
+def _is_odbc_string(url: str) -> bool:
+    return synapse.is_odbc_target(url) and not url.startswith("mssql")
+
+
+def _odbc_settings(text: str) -> dict[str, str]:
+    """``Key=Value;...`` with ODBC's braces (``Pwd={a;b}``, ``}}`` for ``}``), keys lower-cased."""
+    settings = {}
+    for match in re.finditer(r"\s*([^=;]+?)\s*=\s*(\{(?:[^}]|\}\})*\}|[^;]*)\s*(?:;|$)", text):
+        settings[match.group(1).lower()] = match.group(2)
+    return settings
+
+
+def _shown_odbc(text: str) -> str:
+    """An ODBC connection string reduced to its driver, server and database."""
+    settings = _odbc_settings(text)
+    kept = [f"{key.capitalize()}={settings[key]}" for key in _ODBC_SHOWN if key in settings]
+    return "ODBC " + (";".join(kept) or "connection string")
+
+
+def _shown(url: str) -> str:
+    """A warehouse URL fit to print: no password, no secret query parameter, no ODBC string."""
+    if _is_odbc_string(url):
+        return _shown_odbc(url)
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return "(not a database URL)"
+    query = {}
+    for key, value in parsed.query.items():
+        if key.lower() == "odbc_connect":
+            value = _shown_odbc(value if isinstance(value, str) else ";".join(value))
+        elif _SECRET_KEY.search(key):
+            value = "***"
+        query[key] = value
+    return parsed.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def _shown_hub(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return url
+
+
+def _secrets(url: str) -> list[str]:
+    """The secret substrings of a URL or ODBC string: its password and secret parameters."""
+    found = [value for key, value in _odbc_settings(url).items() if _SECRET_KEY.search(key)]
+    with contextlib.suppress(sa.exc.ArgumentError, ValueError):
+        parsed = sa.make_url(url)
+        found.append(parsed.password or "")
+        for key, value in parsed.query.items():
+            if _SECRET_KEY.search(key):
+                found += [value] if isinstance(value, str) else list(value)
+                found += [v for k, v in _odbc_settings(str(value)).items() if _SECRET_KEY.search(k)]
+    with contextlib.suppress(ValueError):
+        found.append(urlsplit(url).password or "")
+    return sorted({secret.strip("{}") for secret in found if secret.strip("{}")}, key=len)[::-1]
+
+
+def _scrub(message: str, *urls: str) -> str:
+    """A message without any secret of the URLs (defence in depth: drivers' messages)."""
+    for url in urls:
+        for secret in _secrets(url):
+            message = message.replace(secret, "***")
+    return message
+
+
+def _hint(url: str) -> str:
+    backend = sa.make_url(url).get_backend_name()
+    return _DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
+
+
+def _table_name(table: str, engine: sa.Engine) -> tuple[str | None, str]:
+    """(schema, name) as ``read_facts`` resolves ``schema.table`` or ``table``."""
+    schema, _, name = table.rpartition(".")
+    if not schema and engine.dialect.name != "sqlite":
+        schema = FACT_SCHEMA
+    return schema or None, name
+
+
+@contextlib.contextmanager
+def _reading(url: str, what: str) -> Iterator[None]:
+    """Turns what goes wrong reading a warehouse into one line without its secrets: a usage
+    error (2) for what the user can fix in the command, else a runtime failure (3)."""
+    shown = f"{what} {_shown(url)}"
+    try:
+        yield
+    except (UsageError, RuntimeFailure) as error:
+        raise type(error)(_scrub(str(error), url)) from None
+    except ValueError as error:  # read_facts: a table without the fact columns, or none
+        raise UsageError(_scrub(f"{what}: {error}", url)) from None
+    except ImportError:
+        raise UsageError(f"{shown}: its database driver is not installed; {_hint(url)}") from None
+    except sa.exc.NoSuchModuleError:
+        raise UsageError(
+            f"{shown}: SQLAlchemy has no dialect {sa.make_url(url).drivername!r} (a typo, or a "
+            f"driver that is not installed: {_hint(url)})"
+        ) from None
+    except sa.exc.DBAPIError as error:
+        if not _MISSING_ODBC_DRIVER.search(str(error.orig)):
+            raise RuntimeFailure(
+                f"cannot read {shown}: {_scrub(describe_error(error), url)}"
+            ) from None
+        raise UsageError(
+            f"{shown}: its ODBC driver is not installed ({_scrub(describe_error(error), url)}); "
+            f"{_hint(url)}"
+        ) from None
+    except sa.exc.ArgumentError:
+        raise UsageError(
+            f"{what} is not a database URL SQLAlchemy can use ({_shown(url)}); "
+            "for example sqlite:///path/to/warehouse.db or postgresql+psycopg://USER@HOST/DB"
+        ) from None
+    except Exception as error:
+        raise RuntimeFailure(f"cannot read {shown}: {_scrub(describe_error(error), url)}") from None
+
+
+def _check_warehouse(url: str, what: str, tables: list[str]) -> None:
+    """Fails in one line, before anything is read, when the URL names no database bms can
+    read, a SQLite file that does not exist (it is not created), or a database without these
+    tables; reaching the database is the only thing that may fail as a runtime failure."""
+    if _is_odbc_string(url):
+        raise UsageError(
+            f"{what}: an ODBC connection string; bms parity reads through SQLAlchemy: give "
+            "mssql+pyodbc://USER:PASSWORD@SERVER/DB?driver=ODBC+Driver+18+for+SQL+Server, or "
+            "mssql+pyodbc:///?odbc_connect= and the connection string URL-encoded"
+        )
+    with _reading(url, what):
+        parsed = sa.make_url(url)
+        database = parsed.database
+        sqlite_file = parsed.get_backend_name() == "sqlite" and database not in (
+            None,
+            "",
+            ":memory:",
+        )
+        if sqlite_file and not Path(database).is_file():
+            raise UsageError(f"{what}: no SQLite database at {database}")
+        engine = create_engine(url)
+        try:
+            with engine.connect() as connection:
+                inspector = sa.inspect(connection)
+                for table in tables:
+                    schema, name = _table_name(table, engine)
+                    if not inspector.has_table(name, schema=schema):
+                        raise UsageError(f"no table {table} in {what} {_shown(url)}")
+        except sa.exc.DatabaseError as error:
+            if parsed.get_backend_name() == "sqlite" and "not a database" in str(error.orig):
+                raise UsageError(f"{what}: {database} is not a SQLite database") from None
+            raise
+        finally:
+            engine.dispose()
+
+
+def _read_facts(url: str, what: str, table: str, start, end) -> list[tuple]:
+    _check_warehouse(url, what, [table])
+    with _reading(url, what):
+        return read_facts(url, table, start, end)
 
 
 def _in_range(moment: dt.datetime, start: dt.datetime | None, end: dt.datetime | None) -> bool:
@@ -124,9 +321,19 @@ def _compare_with_events(args: argparse.Namespace, start, end) -> int:
         raise UsageError("give either two warehouse URLs or --events, not both")
     if not args.query.is_file():
         raise UsageError(f"no ASA query at {args.query}; pass --query PATH")
-    evaluation = evaluate(_hub_events(args.hub), args.query)
+    where = "--warehouse"
+    _check_warehouse(args.warehouse, where, [args.right_table, DEAD_LETTER_TABLE])
+    evaluator.translate(args.query.read_text())  # an unsupported query fails before reading
+    try:
+        evaluation = evaluate(_hub_events(args.hub), args.query)
+    except duckdb.OutOfMemoryException as error:
+        raise RuntimeFailure(
+            f"evaluating the ASA query needs more memory than DuckDB may use here "
+            f"({evaluator.MEMORY_LIMIT}): {str(error).splitlines()[0]}"
+        ) from None
     expected = [row for row in evaluation.rows if _in_range(row[BOOKED], start, end)]
-    letters = read_dead_letters(args.warehouse)
+    with _reading(args.warehouse, where):
+        letters = read_dead_letters(args.warehouse)
     # Rows the warehouse could not store are in dead letters: ASA would have computed them too.
     unstored = [
         row
@@ -134,9 +341,13 @@ def _compare_with_events(args: argparse.Namespace, start, end) -> int:
                     if letter.is_fact_row)
         if _in_range(row[BOOKED], start, end)
     ]  # fmt: skip
-    actual = read_facts(args.warehouse, args.right_table, start, end) + unstored
+    actual = _read_facts(args.warehouse, where, args.right_table, start, end) + unstored
     comparison = compare(expected, actual)
-    print(comparison.report(f"ASA query over {args.hub}", args.warehouse, show=args.show))
+    print(
+        comparison.report(
+            f"ASA query over {_shown_hub(args.hub)}", _shown(args.warehouse), show=args.show
+        )
+    )
     if unstored:
         print(f"of which in {DEAD_LETTER_TABLE} as unstorable fact rows: {len(unstored)}")
     dropped = _positions(evaluation.dropped, start, end)
@@ -146,17 +357,21 @@ def _compare_with_events(args: argparse.Namespace, start, end) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    """0 equal, 1 a difference; raises UsageError (exit 2) or RuntimeFailure (exit 3)."""
     start, end = _time(args.start, "--from"), _time(args.end, "--to")
     try:
         if args.events:
             return _compare_with_events(args, start, end)
-        if not (args.left and args.right):
-            raise UsageError("give two warehouse URLs (LEFT_URL RIGHT_URL), or --events")
-        expected = read_facts(args.left, args.left_table, start, end)
-        actual = read_facts(args.right, args.right_table, start, end)
-    except (ValueError, UnsupportedConstruct) as error:
-        raise UsageError(str(error)) from None
+    except UnsupportedConstruct as error:
+        raise UsageError(f"{args.query}: {error}") from None
+    if not (args.left and args.right):
+        raise UsageError("give two warehouse URLs (LEFT_URL RIGHT_URL), or --events")
+    expected = _read_facts(args.left, "LEFT_URL", args.left_table, start, end)
+    actual = _read_facts(args.right, "RIGHT_URL", args.right_table, start, end)
     comparison = compare(expected, actual)
-    names = (f"{args.left} {args.left_table}", f"{args.right} {args.right_table}")
+    names = (
+        f"{_shown(args.left)} {args.left_table}",
+        f"{_shown(args.right)} {args.right_table}",
+    )
     print(comparison.report(*names, show=args.show))
     return 0 if comparison.equal else 1

@@ -28,6 +28,7 @@ from pipeline.io import progress
 from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
 from pipeline.io.hub import checkpoint_scope, missing_hub, open_hub
 from pipeline.io.lease import LeaseHeld, hold_lease
+from pipeline.io.localhub import clock_ahead
 from pipeline.io.positions import first_sequence_number
 from pipeline.io.warehouses import DEAD_LETTERS, FACTS, masked_url, open_writer, synapse
 from pipeline.io.warehouses.base import WarehouseError, describe_error
@@ -120,6 +121,10 @@ def run_pipeline(
     """
     bms = options.view_as(BmsOptions)
     _check_hub(bms.hub)
+    if not bms.bounded:
+        ahead = clock_ahead(bms.hub)
+        if ahead is not None:
+            _LOG.warning("%s", ahead)
     _check_warehouse(bms.warehouse)
     if bms.checkpoints is None:
         return _run_job(options, bms, status)

@@ -1,17 +1,20 @@
 """Checkpoint stores: how far each partition has been read *and its rows written*, to resume from.
 
-A checkpoint names the last event of a partition that is fully processed, as the Event Hubs SDKs
-do; a restarted job reads on from the next sequence number. Checkpoints are scoped by namespace,
-event hub and consumer group, so two jobs with different consumer groups keep separate progress.
+A checkpoint names the last event of a partition that is fully processed, by sequence number and
+offset, as the Event Hubs SDKs do; a restarted job reads on from the next sequence number.
+Checkpoints are scoped by namespace, event hub and consumer group, so two jobs with different
+consumer groups keep separate progress.
 
   - ``FileCheckpointStore``: one small JSON file per partition under a folder (the local hub's
     choice, and any single-machine run). Each commit writes a temporary file and renames it over
     the old one, so a crash leaves the old checkpoint or the new one, never a torn file.
   - ``BlobCheckpointStore``: Azure Blob Storage through azure-eventhub-checkpointstoreblob, in the
-    same blob layout (``NS/HUB/GROUP/checkpoint/PARTITION`` with ``sequencenumber`` metadata) the
-    SDK's own EventProcessor uses. Our reader resumes by sequence number; it does not know event
-    offsets, so give the pipeline a consumer group of its own rather than sharing one with SDK
-    processors.
+    same blob layout (``NS/HUB/GROUP/checkpoint/PARTITION`` with ``offset`` and
+    ``sequencenumber`` metadata) the SDK's own EventProcessor uses, with the event's real offset:
+    an ``EventHubConsumerClient`` with the SDK's ``BlobCheckpointStore`` over the same container
+    (an Azure Function, another job) resumes exactly after the pipeline's last committed event,
+    and the pipeline resumes after the SDK's. A commit without an offset (none should come) is
+    skipped with a warning rather than written with a wrong one.
 
 Commits only ever move a partition forward: a late commit of an older position is ignored.
 ``open_checkpoint_store`` picks the store from a location (``bms run --checkpoints``).
@@ -20,6 +23,7 @@ Commits only ever move a partition forward: a late commit of an older position i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +33,7 @@ from urllib.parse import quote
 from pipeline.io.azure import default_credential, import_extra
 
 STORAGE_CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+_LOG = logging.getLogger(__name__)
 
 
 class CheckpointScope(NamedTuple):
@@ -44,8 +49,11 @@ class CheckpointStore(Protocol):
         have a checkpoint."""
         ...
 
-    def commit(self, hub: str, partition: str, sequence_number: int) -> None:
-        """Records that every event of the partition up to sequence_number is processed."""
+    def commit(
+        self, hub: str, partition: str, sequence_number: int, offset: str | None = None
+    ) -> None:
+        """Records that every event of the partition up to sequence_number is processed;
+        ``offset`` is the hub's offset of that event."""
         ...
 
     def close(self) -> None: ...
@@ -94,13 +102,17 @@ class FileCheckpointStore:
         except FileNotFoundError:
             return None
 
-    def commit(self, hub: str, partition: str, sequence_number: int) -> None:
+    def commit(
+        self, hub: str, partition: str, sequence_number: int, offset: str | None = None
+    ) -> None:
         path = self._path(hub, partition)
         current = self._read(path)
         if current is not None and current >= sequence_number:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         record = {"hub": hub, "partition": partition, "sequence_number": sequence_number}
+        if offset is not None:
+            record["offset"] = offset
         handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         try:
             with os.fdopen(handle, "w") as file:
@@ -154,9 +166,22 @@ class BlobCheckpointStore:
             )
         }
 
-    def commit(self, hub: str, partition: str, sequence_number: int) -> None:
+    def commit(
+        self, hub: str, partition: str, sequence_number: int, offset: str | None = None
+    ) -> None:
         current = self.last_processed(hub).get(partition)
         if current is not None and current >= sequence_number:
+            return
+        if offset is None:
+            # The SDK resumes from the offset alone: a wrong one would make every SDK reader of
+            # this checkpoint start elsewhere. Skipping leaves the previous checkpoint (safe: the
+            # next commit moves on, and reading again is idempotent).
+            _LOG.warning(
+                "not committing %s partition %s at sequence number %d: its offset is unknown",
+                hub,
+                partition,
+                sequence_number,
+            )
             return
         self._store.update_checkpoint(
             {
@@ -165,9 +190,7 @@ class BlobCheckpointStore:
                 "consumer_group": self._scope.consumer_group,
                 "partition_id": partition,
                 "sequence_number": sequence_number,
-                # Unknown to a sequence-number reader; an SDK processor reading this checkpoint
-                # would start from the beginning ("-1") rather than fail.
-                "offset": "-1",
+                "offset": offset,
             }
         )
 

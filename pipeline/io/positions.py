@@ -4,12 +4,14 @@ numbers.
 ``StartPosition`` is a small value type the source can carry to its workers;
 ``first_sequence_number`` turns it into a sequence number for one partition through any
 ``HubClient``, after a checkpoint (a restarted job resumes where it stopped, whatever it was told
-to start from).
+to start from). Whatever it comes from, a start lies within the partition: from its first retained
+event to the one it will hold next.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -20,6 +22,7 @@ EARLIEST = "earliest"
 LATEST = "latest"
 ENQUEUED_TIME = "enqueued_time"
 SEQUENCE_NUMBERS = "sequence_numbers"
+_LOG = logging.getLogger(__name__)
 
 
 class StartPosition(NamedTuple):
@@ -84,7 +87,13 @@ def first_sequence_number(
     """The first sequence number to read from a partition.
 
     ``resume_at`` (from a checkpoint) wins over ``start``. Positions before the partition's
-    first retained event are moved up to it.
+    first retained event are moved up to it; positions beyond the event it will hold next (a
+    checkpoint or a sequence number from another hub of the same name, or from before the hub
+    was made anew) are moved down to that one, with a warning: reading would otherwise wait
+    for events that may never come, and skip those that do.
+
+    An enqueued-time start asks the client (``first_sequence_number_at``, Event Hubs: one
+    receiver started at that time) or, for a client without it, binary-searches the partition.
     """
     properties = client.partition_properties(hub, partition)
     first, end = properties.first_sequence_number, properties.last_sequence_number + 1
@@ -97,9 +106,24 @@ def first_sequence_number(
     elif start.kind == SEQUENCE_NUMBERS:
         position = dict(start.sequence_numbers).get(partition, first)
     elif start.kind == ENQUEUED_TIME:
-        position = _first_enqueued_at_or_after(client, hub, partition, first, end, start)
+        at_time = getattr(client, "first_sequence_number_at", None)
+        if at_time is not None:
+            position = at_time(hub, partition, start.enqueued_time)
+            end = max(end, position)  # events came since the properties were read
+        else:
+            position = _first_enqueued_at_or_after(client, hub, partition, first, end, start)
     else:
         raise ValueError(f"unknown start position kind {start.kind!r}")
+    if position > end:
+        _LOG.warning(
+            "partition %s of hub %r: start at sequence number %d lies beyond its next event "
+            "(%d); starting there instead",
+            partition,
+            hub,
+            position,
+            end,
+        )
+        position = end
     return max(position, first)
 
 

@@ -108,7 +108,9 @@ class PositionMark(NamedTuple):
 
     ``sequence_number`` is -1 for a final mark of a partition that read nothing; ``event_time``
     is the event's Beam timestamp, or for a final mark the partition's watermark when it stopped
-    (µs since the epoch).
+    (µs since the epoch). ``offset`` is the hub's offset of that event (Event Hubs; the local hub,
+    which has none, gives the sequence number as text), None when the mark's maker did not read
+    the event itself: commits take it from the event's own mark.
     """
 
     hub: str
@@ -116,6 +118,7 @@ class PositionMark(NamedTuple):
     sequence_number: int
     event_time: int
     final: bool = False
+    offset: str | None = None
 
 
 def committable(
@@ -160,6 +163,17 @@ def _next_timer(marks: Iterable[PositionMark], span: int, interval: int) -> int 
         return None
     due = min(times) + span
     return -(-due // interval) * interval
+
+
+def _offsets(marks: Iterable[PositionMark]) -> dict[tuple[str, str, int], str]:
+    """``(hub, partition, sequence number) -> offset`` of the events the marks name. A commit is
+    always a mark's sequence number, and the mark of the event itself (which knows its offset) is
+    pending with it whenever another mark of it is (it is never later), or already committed."""
+    return {
+        (mark.hub, mark.partition, mark.sequence_number): mark.offset
+        for mark in marks
+        if mark.offset is not None
+    }
 
 
 _MARKS = beam.DoFn.StateParam(BagStateSpec("marks", coders.PickleCoder()))
@@ -209,8 +223,10 @@ class _CommitPositionsFn(beam.DoFn):
     ):
         pending = list(marks.read())
         commits, kept = committable(pending, fired_at.micros, self._span, self._bound)
+        offsets = _offsets(pending)
         for (hub, partition), sequence_number in sorted(commits.items()):
-            self._store.commit(hub, partition, sequence_number)
+            offset = offsets.get((hub, partition, sequence_number))
+            self._store.commit(hub, partition, sequence_number, offset=offset)
             yield hub, partition, sequence_number
         metrics.POSITIONS_COMMITTED.inc(len(commits))
         done = [mark.event_time for mark in pending if mark not in kept]

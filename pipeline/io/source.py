@@ -140,6 +140,8 @@ class _ReadPartitionFn(beam.DoFn):
         self._read_anomalies: dict[tuple[str, str, int], float] = {}
         # (hub, partition) -> (a sequence number its next event has at least, when last asked).
         self._known_ends: dict[tuple[str, str], tuple[int, float]] = {}
+        # (hub, partition) -> (sequence number, offset) of the last event read here.
+        self._last_offsets: dict[tuple[str, str], tuple[int, str]] = {}
 
     def setup(self):
         self._client = open_hub(self._hub_url)
@@ -232,7 +234,10 @@ class _ReadPartitionFn(beam.DoFn):
             ):
                 # Caught up: everything before `position` is read, and the partition's time
                 # moves on; commits must know it, or they would stop at its last event.
-                yield _mark(element, position - 1, current)
+                read, offset = self._last_offsets.get((element.hub, element.partition), (-1, None))
+                yield _mark(
+                    element, position - 1, current, offset=offset if read == position - 1 else None
+                )
         tracker.defer_remainder(self._poll_interval)
 
     def _retry_later(self, tracker, open_ended: bool) -> None:
@@ -336,8 +341,22 @@ class _ReadPartitionUnboundedFn(_ReadPartitionFn):
         yield from super().process(element, tracker, watermark)
 
 
-def _mark(element: PartitionRange, sequence_number: int, micros: int, final: bool = False):
-    mark = PositionMark(element.hub, element.partition, sequence_number, micros, final)
+def _offset(event: HubEvent) -> str:
+    """The hub's offset of an event, carried from the event to the commit: Event Hubs gives one
+    (``pipeline.io.eventhubs.ReceivedEvent``); for a hub without offsets (the local hub) the
+    sequence number, as text, stands in for it."""
+    offset = getattr(event, "offset", None)
+    return str(event.sequence_number) if offset is None else offset
+
+
+def _mark(
+    element: PartitionRange,
+    sequence_number: int,
+    micros: int,
+    final: bool = False,
+    offset: str | None = None,
+):
+    mark = PositionMark(element.hub, element.partition, sequence_number, micros, final, offset)
     return beam.pvalue.TaggedOutput(
         POSITIONS, beam.window.TimestampedValue(mark, Timestamp(micros=micros))
     )
@@ -346,7 +365,7 @@ def _mark(element: PartitionRange, sequence_number: int, micros: int, final: boo
 def _marks(element: PartitionRange, last: HubEvent | None):
     """The mark of the last event read by this call, if it read any."""
     if last is not None:
-        yield _mark(element, last.sequence_number, last.enqueued_time)
+        yield _mark(element, last.sequence_number, last.enqueued_time, offset=_offset(last))
 
 
 def _watermark_micros(watermark: ManualWatermarkEstimator) -> int:

@@ -265,9 +265,10 @@ class _Translator:
                 )
             column = self._input_column(scope.input_name, path, argument.sql("tsql"))
             scope.apply_alias = target.alias.lower()
+            elements = f"{_quote(scope.input_alias)}.{column}"
             return (
-                "CROSS JOIN LATERAL (SELECT CAST(unnest("
-                f"{_quote(scope.input_alias)}.{column}) AS JSON) AS value) AS {_quote(target.alias)}"
+                f"CROSS JOIN LATERAL (SELECT CAST(unnest({elements}) AS JSON) AS value) "
+                f"AS {_quote(target.alias)}"
             )
         if join.side or join.kind not in ("", "INNER", None):
             raise UnsupportedConstruct(f"{join.side or ''} {join.kind or ''} JOIN".strip())

@@ -135,12 +135,12 @@ def _orders(facts: sa.Table) -> sa.ColumnElement:
 def summary_query(facts: sa.Table, where: Where) -> sa.Select:
     c = facts.c
     return sa.select(
-        _rows().label("rows"),
-        _orders(facts).label("orders"),
-        sa.func.count(sa.distinct(c.payment_id)).label("payments"),
+        _rows().label("row_count"),
+        _orders(facts).label("order_count"),
+        sa.func.count(sa.distinct(c.payment_id)).label("payment_count"),
         sa.func.sum(c.seat_price).label("seat_price_sum"),
-        sa.func.min(c.booking_event_time).label("first"),
-        sa.func.max(c.booking_event_time).label("last"),
+        sa.func.min(c.booking_event_time).label("first_time"),
+        sa.func.max(c.booking_event_time).label("last_time"),
     ).where(*where)
 
 
@@ -178,8 +178,8 @@ def categories_query(facts: sa.Table, where: Where) -> sa.Select:
     return (
         sa.select(
             c.event_category,
-            _orders(facts).label("orders"),
-            _rows().label("rows"),
+            _orders(facts).label("order_count"),
+            _rows().label("row_count"),
             sa.func.sum(c.seat_price).label("seat_price_sum"),
         )
         .where(*where)
@@ -193,8 +193,8 @@ def payments_query(facts: sa.Table, where: Where) -> sa.Select:
         sa.select(
             c.payment_type,
             c.payment_method,
-            sa.func.count(sa.distinct(c.payment_id)).label("payments"),
-            _rows().label("rows"),
+            sa.func.count(sa.distinct(c.payment_id)).label("payment_count"),
+            _rows().label("row_count"),
             sa.func.avg(c.amount).label("avg_amount_per_row"),
         )
         .where(*where)
@@ -220,7 +220,7 @@ def payment_averages_query(facts: sa.Table, where: Where) -> sa.Select:
 def hours_query(facts: sa.Table, where: Where) -> sa.Select:
     c = facts.c
     return (
-        sa.select(c.booking_hour, _orders(facts).label("orders"), _rows().label("rows"))
+        sa.select(c.booking_hour, _orders(facts).label("order_count"), _rows().label("row_count"))
         .where(*where)
         .group_by(c.booking_hour)
     )
@@ -229,7 +229,9 @@ def hours_query(facts: sa.Table, where: Where) -> sa.Select:
 def days_query(facts: sa.Table, where: Where) -> sa.Select:
     c = facts.c
     return (
-        sa.select(c.booking_day_of_week, _orders(facts).label("orders"), _rows().label("rows"))
+        sa.select(
+            c.booking_day_of_week, _orders(facts).label("order_count"), _rows().label("row_count")
+        )
         .where(*where)
         .group_by(c.booking_day_of_week)
     )
@@ -239,13 +241,13 @@ def retries_query(facts: sa.Table, where: Where) -> sa.Select:
     """How many orders have 0, 1, 2... distinct payments in the table."""
     c = facts.c
     per_order = (
-        sa.select(c.order_id, sa.func.count(sa.distinct(c.payment_id)).label("payments"))
+        sa.select(c.order_id, sa.func.count(sa.distinct(c.payment_id)).label("payment_count"))
         .where(*where)
         .group_by(c.order_id)
         .subquery("per_order")
     )
-    return sa.select(per_order.c.payments, sa.func.count().label("orders")).group_by(
-        per_order.c.payments
+    return sa.select(per_order.c.payment_count, sa.func.count().label("order_count")).group_by(
+        per_order.c.payment_count
     )
 
 
@@ -303,8 +305,8 @@ def _payments(conn, facts, where, _limit) -> Section:
             (
                 row.payment_type,
                 row.payment_method,
-                row.payments,
-                row.rows,
+                row.payment_count,
+                row.row_count,
                 per_payment.get((row.payment_type, row.payment_method)),
                 row.avg_amount_per_row,
             )
@@ -370,7 +372,7 @@ def _days(conn, facts, where, _limit) -> Section:
 
 def _retries(conn, facts, where, _limit) -> Section:
     counts = sorted(
-        ((row.payments, row.orders) for row in conn.execute(retries_query(facts, where))),
+        ((row.payment_count, row.order_count) for row in conn.execute(retries_query(facts, where))),
     )
     total = sum(orders for _, orders in counts)
     rows = [(payments, orders, orders / total) for payments, orders in counts]
@@ -507,12 +509,12 @@ def run_report(
         end=end,
         generated_at=dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0),
         summary=Summary(
-            totals.rows,
-            totals.orders,
-            totals.payments,
+            totals.row_count,
+            totals.order_count,
+            totals.payment_count,
             totals.seat_price_sum,
-            totals.first,
-            totals.last,
+            totals.first_time,
+            totals.last_time,
         ),
         sections=sections,
     )

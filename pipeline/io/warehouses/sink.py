@@ -21,17 +21,38 @@ Its output is the dead letters of the fact rows it could not store (none for the
 table), in the rows' own windows; the job writes them with the other dead letters. Nothing else
 is emitted, and the output's watermark passes a time only when the rows up to it are written,
 which is what ``pipeline.io.progress.CommitPositions`` waits for.
+
+Batches end with each bundle by default. With ``batch_seconds`` > 0 they span bundles: rows are
+kept in Beam state (so a worker that dies loses nothing: the runner replays them) under a key,
+one of ``writers`` buckets of the row key (a key's rows always meet the same bucket, whose
+batches are written one after another: one writer per key), and a batch is written when it holds
+``batch_size`` rows, ``batch_seconds`` after its first row came (a processing-time timer), or
+when the input ends (a drain, the end of a bounded run). Meanwhile the output's watermark is held
+at the earliest row kept (the timer's hold, moved back whenever an earlier row comes), so
+positions are still committed only once their rows are written. This is what a load path that
+costs a fixed price per batch (a file and a ``COPY INTO``) needs in a stream, where bundles are
+small.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import apache_beam as beam
 import tenacity
+from apache_beam.coders import coders
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (
+    BagStateSpec,
+    ReadModifyWriteStateSpec,
+    TimerSpec,
+    on_timer,
+)
+from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import metrics
@@ -175,6 +196,112 @@ class _WriteRowsFn(beam.DoFn):
         yield row.with_value(letter)
 
 
+_KEPT_SPEC = BagStateSpec("rows", coders.PickleCoder())  # (row, timestamp in µs)
+_COUNT_SPEC = ReadModifyWriteStateSpec("count", coders.VarIntCoder())
+_HOLD_SPEC = ReadModifyWriteStateSpec("hold", coders.VarIntCoder())  # earliest kept, µs
+_DUE_SPEC = ReadModifyWriteStateSpec("due", coders.FloatCoder())  # when the batch is written
+_DUE_TIMER = TimerSpec("due", TimeDomain.REAL_TIME)
+_END_TIMER = TimerSpec("end", TimeDomain.WATERMARK)
+_KEPT = beam.DoFn.StateParam(_KEPT_SPEC)
+_COUNT = beam.DoFn.StateParam(_COUNT_SPEC)
+_HOLD = beam.DoFn.StateParam(_HOLD_SPEC)
+_DUE = beam.DoFn.StateParam(_DUE_SPEC)
+_DUE_AT = beam.DoFn.TimerParam(_DUE_TIMER)
+_END_AT = beam.DoFn.TimerParam(_END_TIMER)
+
+
+def bucket_of(key: str, buckets: int) -> int:
+    """The bucket of a row key: the same on every worker (CRC-32, not Python's salted hash)."""
+    return zlib.crc32(key.encode()) % buckets if buckets > 1 else 0
+
+
+class _BatchAcrossBundlesFn(_WriteRowsFn):
+    """``_WriteRowsFn`` with batches kept in state across bundles (module doc). Its input is
+    ``(bucket, row)``."""
+
+    def __init__(self, *args, batch_seconds: float, clock: Callable[[], float] = time.time):
+        super().__init__(*args)
+        self._batch_seconds = batch_seconds
+        self._clock = clock
+
+    def start_bundle(self):
+        if not self._prepared:  # the tables exist from the start, even if no row comes
+            self._with_retries(self._writer.prepare)
+            self._prepared = True
+
+    def process(
+        self,
+        element,
+        timestamp=beam.DoFn.TimestampParam,
+        window=beam.DoFn.WindowParam,
+        kept=_KEPT,
+        count=_COUNT,
+        hold=_HOLD,
+        due=_DUE,
+        due_at=_DUE_AT,
+        end_at=_END_AT,
+    ):
+        row = self._to_row(element[1])
+        metrics.ROWS_RECEIVED.inc(table=self._target)
+        problem = self._unstorable(row)
+        if problem is not None:
+            yield from self._refuse(WindowedValue(row, timestamp, (window,)), *problem)
+            return
+        kept.add((row, timestamp.micros))
+        n = (count.read() or 0) + 1
+        count.write(n)
+        if n == 1:
+            end_at.set(window.max_timestamp())
+            due.write(self._clock() + self._batch_seconds)
+        held = hold.read()
+        if held is None or timestamp.micros < held:
+            # A processing-time timer holds the output watermark at the timestamp of the
+            # element that set it: (re)set it from the earliest row kept, for the same time.
+            hold.write(timestamp.micros)
+            due_at.set(Timestamp.of(due.read()))
+        if n >= self._batch_size:
+            yield from self._flush_kept(window, kept, count, hold, due, due_at)
+
+    @on_timer(_DUE_TIMER)
+    def on_due(
+        self,
+        window=beam.DoFn.WindowParam,
+        kept=_KEPT,
+        count=_COUNT,
+        hold=_HOLD,
+        due=_DUE,
+        due_at=_DUE_AT,
+    ):
+        yield from self._flush_kept(window, kept, count, hold, due, due_at)
+
+    @on_timer(_END_TIMER)
+    def on_end(
+        self,
+        window=beam.DoFn.WindowParam,
+        kept=_KEPT,
+        count=_COUNT,
+        hold=_HOLD,
+        due=_DUE,
+        due_at=_DUE_AT,
+    ):
+        yield from self._flush_kept(window, kept, count, hold, due, due_at)
+
+    def finish_bundle(self):
+        return None  # the batch stays in state: that is the point
+
+    def _flush_kept(self, window, kept, count, hold, due, due_at) -> Iterator[WindowedValue]:
+        batch = [
+            WindowedValue(row, Timestamp(micros=micros), (window,)) for row, micros in kept.read()
+        ]
+        kept.clear()
+        count.clear()
+        hold.clear()
+        due.clear()
+        due_at.clear()
+        if batch:
+            yield from self._write(batch)
+
+
 class WriteRows(beam.PTransform):
     """Writes fact rows or ``DeadLetter``s through a ``WarehouseWriter`` (see the module doc).
 
@@ -184,6 +311,9 @@ class WriteRows(beam.PTransform):
       batch_size: rows per insert.
       retry_deadline: seconds transient failures are retried before the job fails.
       max_backoff: the longest wait between two retries, in seconds.
+      batch_seconds: 0 (the default) ends batches with each bundle; more keeps them across
+        bundles for up to this long (module doc).
+      writers: with ``batch_seconds``, how many buckets of row keys are written in parallel.
 
     Returns the ``DeadLetter``s of fact rows the warehouse cannot store.
     """
@@ -196,6 +326,8 @@ class WriteRows(beam.PTransform):
         batch_size: int,
         retry_deadline: float = DEFAULT_RETRY_DEADLINE_SECONDS,
         max_backoff: float = 30.0,
+        batch_seconds: float = 0.0,
+        writers: int = 1,
     ):
         super().__init__()
         if target not in (FACTS, DEAD_LETTERS):
@@ -204,7 +336,28 @@ class WriteRows(beam.PTransform):
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         if retry_deadline < 0:
             raise ValueError(f"retry_deadline must not be negative, got {retry_deadline}")
-        self._fn = _WriteRowsFn(open_writer, target, batch_size, retry_deadline, max_backoff)
+        if batch_seconds < 0:
+            raise ValueError(f"batch_seconds must not be negative, got {batch_seconds}")
+        if writers < 1:
+            raise ValueError(f"writers must be positive, got {writers}")
+        arguments = (open_writer, target, batch_size, retry_deadline, max_backoff)
+        self._batch_seconds = batch_seconds
+        self._writers = writers
+        self._target = target
+        if batch_seconds > 0:
+            self._fn = _BatchAcrossBundlesFn(*arguments, batch_seconds=batch_seconds)
+        else:
+            self._fn = _WriteRowsFn(*arguments)
 
     def expand(self, rows):
-        return rows | beam.ParDo(self._fn)
+        if self._batch_seconds <= 0:
+            return rows | beam.ParDo(self._fn)
+        buckets = self._writers
+        key_of = (
+            (lambda row: row.row_key) if self._target == DEAD_LETTERS else (lambda row: row[-1])
+        )
+        return (
+            rows
+            | "ByBucket" >> beam.Map(lambda row: (bucket_of(key_of(row), buckets), row))
+            | "BatchAndWrite" >> beam.ParDo(self._fn)
+        )

@@ -1,37 +1,64 @@
 """Publishing to Azure Event Hubs (``bms produce --to eventhubs``).
 
-Events go out in the SDK's ``EventDataBatch``es, which know the service's message size limit:
-``add`` raises ValueError when an event does not fit, and a new batch is started. A batch has one
-partition key, so consecutive events that share an order_id share a batch; the service hashes the
-key to the partition, exactly as it does for every other client, so ordering per order holds.
+Events go out through the SDK's buffered producer (``EventHubProducerClient(buffered_mode=True)``):
+``send`` only hands them over. The SDK maps each partition key to its partition with the service's
+own hash (so every event of an order lands in one partition, in the order sent), gathers the
+events of each partition into batches up to the service's message size, and sends a partition's
+batch once it is full or ``max_wait_time`` has passed, on a thread per partition. So events are
+batched per partition whatever order their keys come in: one round trip carries the events of
+many orders, where a batch per run of equal keys carried one event (order ids are unique).
 
-Failures: the SDK retries each send itself (``retry_total`` attempts, exponential backoff). On
-top of that a transient failure that outlives those retries (lost connection, timeout, a busy
-service) is retried a bounded number of times with backoff before giving up. A resend after a
-timeout can duplicate events (Event Hubs is at-least-once); the warehouse's idempotent mode and
-the join's natural key absorb that.
+Outcomes come back by callback: what the service accepted is counted (``sent``, per hub), and a
+batch that failed after the SDK's own retries (``retry_total``, exponential backoff) is sent again
+from the caller's thread (at its next ``send``, or in ``close``) if the failure is transient:
+  - the service is busy, recognised by its AMQP condition ``com.microsoft:server-busy`` whatever
+    the SDK raised it as (a ``ConnectError`` on a link detach, an ``EventDataSendError`` on a
+    rejected transfer): again after 4 s, doubling up to a minute, for up to ``busy_timeout``;
+  - a lost connection, a timeout or another failed send: ``attempts`` times in all, with backoff.
+Anything else (refused credentials, a malformed event) is permanent: ``PublishError`` (or the
+credential hint) at the next ``send`` or at ``close``. A send again after a timeout can
+duplicate events (Event Hubs is at-least-once); the warehouse's row keys absorb that.
+
+``close`` sends what is still buffered, then reports what the service accepted and at what rate
+(``summary``, and a line on ``report`` if given): on Ctrl-C that is the count of what was sent.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from itertools import groupby
-from typing import Any
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any, NamedTuple, TextIO
 
 from pipeline.errors import UsageError
 from pipeline.io.azure import import_extra, is_credential_error
-from pipeline.io.eventhubs import CREDENTIAL_HINT, EventHubsAddress
+from pipeline.io.eventhubs import BUSY_BACKOFF, CREDENTIAL_HINT, EventHubsAddress, is_server_busy
 from pipeline.io.hub import OutgoingEvent
 
-ProducerFactory = Callable[[str], Any]
+#: Makes a buffered ``EventHubProducerClient`` for a hub: ``factory(hub, on_success=, on_error=)``.
+ProducerFactory = Callable[..., Any]
 
 
-def producer_client(address: EventHubsAddress, hub: str) -> Any:
-    """An ``EventHubProducerClient`` for one hub of the namespace."""
+def producer_client(
+    address: EventHubsAddress,
+    hub: str,
+    *,
+    on_success: Callable[[list, str | None], None],
+    on_error: Callable[[list, str | None, Exception], None],
+    **options: Any,
+) -> Any:
+    """A buffered ``EventHubProducerClient`` for one hub of the namespace; ``options`` go to the
+    SDK client as they are (``retry_total``, ``max_wait_time``, ``max_buffer_length``, ...)."""
     sdk = import_extra("azure.eventhub", "azure")
-    arguments = address.client_arguments(hub)
+    arguments = {
+        **address.client_arguments(hub),
+        "buffered_mode": True,
+        "on_success": on_success,
+        "on_error": on_error,
+        **options,
+    }
     if "conn_str" in arguments:
         return sdk.EventHubProducerClient.from_connection_string(**arguments)
     return sdk.EventHubProducerClient(**arguments)
@@ -41,6 +68,8 @@ def _is_transient(error: BaseException) -> bool:
     exceptions = import_extra("azure.eventhub.exceptions", "azure")
     if isinstance(error, exceptions.AuthenticationError | exceptions.ClientClosedError):
         return False
+    if is_server_busy(error):
+        return True
     return isinstance(
         error,
         exceptions.ConnectionLostError
@@ -53,14 +82,29 @@ class PublishError(RuntimeError):
     """Events could not be published even after retrying."""
 
 
+class _Retry(NamedTuple):
+    """Events of a failed batch, to send again to their partition at ``due``. Each event knows
+    how often it was tried (``_bms_attempts``) and since when the service is busy for it."""
+
+    due: float
+    hub: str
+    partition: str | None
+    events: list
+
+
 class EventHubsPublisher:
     """Publishes ``OutgoingEvent``s to the event hubs of one namespace (a ``Publisher``).
 
     Args:
       address: the namespace (and how to sign in).
-      producer_factory: makes an ``EventHubProducerClient`` for a hub (tests pass a fake).
-      attempts: tries per batch for transient failures, on top of the SDK's own retries.
-      backoff: seconds before the first retry; doubled each time.
+      producer_factory: makes a buffered ``EventHubProducerClient`` for a hub (tests pass their
+        own, with the callbacks given as ``on_success`` and ``on_error``).
+      attempts: tries per batch for transient failures other than a busy service, on top of the
+        SDK's own retries.
+      backoff: seconds before the first of those retries; doubled each time.
+      busy_backoff: the first and the longest wait after the service answered busy.
+      busy_timeout: seconds a batch may keep finding the service busy before it is given up.
+      report: where ``close`` writes ``summary()`` (``bms produce`` passes stderr).
     """
 
     def __init__(
@@ -70,92 +114,222 @@ class EventHubsPublisher:
         *,
         attempts: int = 4,
         backoff: float = 1.0,
+        busy_backoff: tuple[float, float] = BUSY_BACKOFF,
+        busy_timeout: float = 600.0,
+        report: TextIO | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ):
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
-        self._factory = producer_factory or (lambda hub: producer_client(address, hub))
+        self._factory = producer_factory or partial(producer_client, address)
         self._attempts = attempts
         self._backoff = backoff
+        self._busy_backoff = busy_backoff
+        self._busy_timeout = busy_timeout
+        self._report = report
         self._sleep = sleep
+        self._clock = clock
         self._producers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._retries: list[_Retry] = []
+        self._failure: BaseException | None = None
+        self._started: float | None = None
+        self._last_accepted: float | None = None
+        self._interrupted = False
         self.sent: Counter = Counter()  # events accepted by the service, per hub
+        self.handed: Counter = Counter()  # events handed to the SDK, per hub
+        self.failed: Counter = Counter()  # events given up, per hub
 
     @classmethod
-    def from_url(cls, url: str) -> EventHubsPublisher:
+    def from_url(cls, url: str, **options: Any) -> EventHubsPublisher:
         import_extra("azure.eventhub", "azure")
-        return cls(EventHubsAddress.parse(url))
+        return cls(EventHubsAddress.parse(url), **options)
 
     def _producer(self, hub: str) -> Any:
         if hub not in self._producers:
-            self._producers[hub] = self._factory(hub)
+            self._producers[hub] = self._factory(
+                hub,
+                on_success=partial(self._on_success, hub),
+                on_error=partial(self._on_error, hub),
+            )
         return self._producers[hub]
 
-    def send(self, hub: str, events: Sequence[OutgoingEvent]) -> None:
-        producer = self._producer(hub)
+    # ---- callbacks, on the SDK's threads ------------------------------------------------------
 
-        def new_batch(partition_key: str | None) -> Any:
-            # Creating the first batch opens the link to learn the size limit: it can fail too.
-            return self._with_retry(hub, lambda: producer.create_batch(partition_key=partition_key))
+    def _on_success(self, hub: str, events: list, _partition: str | None) -> None:
+        with self._lock:
+            self.sent[hub] += len(events)
+            self._last_accepted = self._clock()
 
-        for batch in _batches(new_batch, events):
-            self._with_retry(hub, lambda batch=batch: producer.send_batch(batch))
-            self.sent[hub] += len(batch)
+    def _on_error(self, hub: str, events: list, partition: str | None, error: Exception) -> None:
+        now = self._clock()
+        # A batch may hold events sent again and new ones: it counts as its most tried event.
+        attempt = 1 + max((getattr(event, "_bms_attempts", 0) for event in events), default=0)
+        busy = is_server_busy(error)
+        since = [getattr(event, "_bms_busy_since", None) for event in events]
+        busy_since = min((t for t in since if t is not None), default=now if busy else None)
+        with self._lock:
+            if is_credential_error(error):
+                self._give_up(hub, events, UsageError(self._refused(hub, error)))
+                return
+            if not _is_transient(error):
+                self._give_up(hub, events, self._error(hub, attempt, error))
+                return
+            if busy:
+                delay = min(self._busy_backoff[0] * 2 ** (attempt - 1), self._busy_backoff[1])
+                give_up = now - busy_since + delay > self._busy_timeout
+            else:
+                delay = self._backoff * 2 ** (attempt - 1)
+                give_up = attempt >= self._attempts
+            if give_up:
+                self._give_up(hub, events, self._error(hub, attempt, error))
+                return
+            for event in events:
+                event._bms_attempts = attempt
+                event._bms_busy_since = busy_since if busy else None
+            self._retries.append(_Retry(now + delay, hub, partition, list(events)))
 
-    def _with_retry(self, hub: str, action: Callable[[], Any]) -> Any:
-        delay = self._backoff
-        for attempt in range(1, self._attempts + 1):
+    def _give_up(self, hub: str, events: list, error: BaseException) -> None:
+        self.failed[hub] += len(events)
+        if self._failure is None:
+            self._failure = error
+
+    @staticmethod
+    def _refused(hub: str, error: BaseException) -> str:
+        return f"Event Hubs refused to publish to {hub}: {_first_line(error)}; {CREDENTIAL_HINT}"
+
+    @staticmethod
+    def _error(hub: str, attempt: int, error: BaseException) -> PublishError:
+        failure = PublishError(
+            f"publishing to {hub} failed after {attempt} attempt(s): "
+            f"{type(error).__name__}: {_first_line(error)}"
+        )
+        failure.__cause__ = error
+        return failure
+
+    # ---- the caller's thread ------------------------------------------------------------------
+
+    def _check(self) -> None:
+        with self._lock:
+            failure = self._failure
+        if failure is not None:
+            raise failure
+
+    def _resend_due(self, now: float | None = None) -> None:
+        """Hands the failed batches whose backoff has passed to the SDK again (never from its
+        callbacks: those run under the buffered producer's locks)."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            due = [retry for retry in self._retries if retry.due <= now]
+            self._retries = [retry for retry in self._retries if retry.due > now]
+        for retry in due:
+            producer = self._producer(retry.hub)
+            where = {"partition_id": retry.partition} if retry.partition is not None else {}
+            for event in retry.events:
+                send = partial(producer.send_event, event, **where)
+                self._enqueue(retry.hub, send)
+
+    def _enqueue(self, hub: str, action: Callable[[], Any]) -> None:
+        """Hands events to the SDK. The first hand-over of a hub opens a link (partition ids, the
+        message size limit) and can fail like a send: retried the same way, here."""
+        attempt, busy_since = 1, None
+        while True:
             try:
-                return action()
+                action()
+                return
+            except ValueError:
+                raise
             except Exception as error:
                 if is_credential_error(error):
-                    raise UsageError(
-                        f"Event Hubs refused to publish to {hub}: {error}; {CREDENTIAL_HINT}"
-                    ) from None
-                if not _is_transient(error) or attempt == self._attempts:
-                    raise PublishError(
-                        f"publishing to {hub} failed after {attempt} attempt(s): "
-                        f"{type(error).__name__}: {_first_line(error)}"
-                    ) from error
+                    raise UsageError(self._refused(hub, error)) from None
+                now = self._clock()
+                if is_server_busy(error):
+                    busy_since = now if busy_since is None else busy_since
+                    delay = min(self._busy_backoff[0] * 2 ** (attempt - 1), self._busy_backoff[1])
+                    give_up = now - busy_since + delay > self._busy_timeout
+                else:
+                    delay = self._backoff * 2 ** (attempt - 1)
+                    give_up = attempt >= self._attempts
+                if give_up or not _is_transient(error):
+                    raise self._error(hub, attempt, error) from error
                 self._sleep(delay)
-                delay *= 2
+                attempt += 1
 
-    def new_run_id(self) -> str:
-        """Event Hubs keeps no counter for us: a random five-character id."""
-        from producers.publish import random_run_id
+    def send(self, hub: str, events: Sequence[OutgoingEvent]) -> None:
+        """Hands the events to the SDK's buffer (it sends them in the background); raises
+        ``PublishError`` if events handed over earlier could not be sent."""
+        self._check()
+        self._resend_due()
+        sdk = import_extra("azure.eventhub", "azure")
+        producer = self._producer(hub)
+        if self._started is None:
+            self._started = self._clock()
+        for event in events:
+            data = sdk.EventData(event.body)
+            try:
+                self._enqueue(
+                    hub,
+                    lambda d=data, k=event.partition_key: producer.send_event(d, partition_key=k),
+                )
+            except ValueError:
+                raise PublishError(
+                    f"an event of {len(event.body)} bytes is larger than Event Hubs accepts in "
+                    "one message"
+                ) from None
+            self.handed[hub] += 1
 
-        return random_run_id()
+    def flush(self) -> None:
+        """Sends everything handed over, the failed batches again after their backoff, until all
+        is accepted or given up; then raises ``PublishError`` if anything was given up."""
+        while True:
+            for producer in list(self._producers.values()):
+                producer.flush()
+            with self._lock:
+                due = min((retry.due for retry in self._retries), default=None)
+            if due is None:
+                break
+            wait = due - self._clock()
+            if wait > 0:
+                self._sleep(wait)
+            self._resend_due(max(due, self._clock()))
+        self._check()
+
+    def summary(self) -> str:
+        """What the service accepted, per hub, and at what rate; what was not sent."""
+        with self._lock:
+            accepted = sum(self.sent.values())
+            hubs = ", ".join(f"{hub} {count}" for hub, count in sorted(self.sent.items()))
+            end = self._last_accepted or self._clock()
+        seconds = max(end - (self._started or end), 0.0)
+        rate = f"{accepted / seconds:.1f} events/s" if seconds > 0 else "- events/s"
+        line = (
+            f"Event Hubs accepted {accepted} events ({hubs or 'none'}) in {seconds:.1f} s, {rate}"
+        )
+        unsent = sum(self.handed.values()) - accepted
+        if unsent > 0:
+            why = "interrupted" if self._interrupted else "failed"
+            line += f"; {unsent} handed over were not sent ({why})"
+        return line
 
     def close(self) -> None:
-        for producer in self._producers.values():
-            producer.close()
-        self._producers.clear()
+        """Sends what is buffered (a second Ctrl-C drops it), closes the clients, and reports."""
+        try:
+            self.flush()
+        except KeyboardInterrupt:
+            self._interrupted = True
+            raise
+        finally:
+            for producer in self._producers.values():
+                try:
+                    producer.close(flush=not self._interrupted and self._failure is None)
+                except Exception:  # closing after a failure: the failure is what to report
+                    if self._failure is None:
+                        raise
+            self._producers.clear()
+            if self._report is not None:
+                print(self.summary(), file=self._report, flush=True)
 
 
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else ""
-
-
-def _batches(
-    new_batch: Callable[[str | None], Any], events: Sequence[OutgoingEvent]
-) -> Iterator[Any]:
-    """``EventDataBatch``es holding the events in order: one per run of equal partition keys,
-    split wherever the service's size limit is reached."""
-    sdk = import_extra("azure.eventhub", "azure")
-    for partition_key, run in groupby(events, key=lambda event: event.partition_key):
-        batch = new_batch(partition_key)
-        for event in run:
-            data = sdk.EventData(event.body)
-            try:
-                batch.add(data)
-            except ValueError:
-                if len(batch) == 0:
-                    raise PublishError(
-                        f"an event of {len(event.body)} bytes is larger than Event Hubs accepts "
-                        f"({batch.max_size_in_bytes} bytes per message)"
-                    ) from None
-                yield batch
-                batch = new_batch(partition_key)
-                batch.add(data)
-        if len(batch):
-            yield batch

@@ -18,13 +18,11 @@ from apache_beam.testing.util import assert_that, equal_to
 
 pytest.importorskip("azure.eventhub")
 
-from azure.eventhub import EventData, EventDataBatch  # noqa: E402
+from azure.eventhub import EventData  # noqa: E402
 from azure.eventhub._pyamqp.message import Message  # noqa: E402  (what the service delivers)
 from azure.eventhub.exceptions import (  # noqa: E402
     AuthenticationError,
     ConnectionLostError,
-    EventDataError,
-    OperationTimeoutError,
 )
 
 from pipeline.errors import UsageError  # noqa: E402
@@ -40,7 +38,7 @@ from pipeline.io.eventhubs import (  # noqa: E402
 from pipeline.io.hub import OutgoingEvent, PartitionProperties, open_hub  # noqa: E402
 from pipeline.io.source import ReadFromHub  # noqa: E402
 from pipeline.schema import HubEvent, datetime_to_micros  # noqa: E402
-from producers.eventhubs import EventHubsPublisher, PublishError  # noqa: E402
+from producers.eventhubs import EventHubsPublisher  # noqa: E402
 
 BASE_MS = 1_770_546_600_123  # 2026-02-08T10:30:00.123Z in epoch milliseconds
 
@@ -347,82 +345,7 @@ def test_importing_the_pipeline_does_not_need_azure_libraries():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-class FakeProducerClient:
-    """Stands in for the service behind EventHubProducerClient; the batches are the SDK's own."""
-
-    def __init__(self, failures=(), max_size_in_bytes=1024):
-        self.failures = list(failures)
-        self.batch_failures: list[Exception] = []
-        self.max_size_in_bytes = max_size_in_bytes
-        self.sent: list[EventDataBatch] = []
-        self.closed = False
-
-    def create_batch(self, *, partition_key=None):
-        if self.batch_failures:
-            raise self.batch_failures.pop(0)
-        return EventDataBatch(max_size_in_bytes=self.max_size_in_bytes, partition_key=partition_key)
-
-    def send_batch(self, batch):
-        if self.failures:
-            raise self.failures.pop(0)
-        self.sent.append(batch)
-
-    def close(self):
-        self.closed = True
-
-
-def test_publisher_batches_by_partition_key_within_the_size_limit():
-    producer = FakeProducerClient()
-    publisher = EventHubsPublisher(EventHubsAddress("ns"), lambda hub: producer)
-    events = [OutgoingEvent("o1", b"a" * 400) for _ in range(5)] + [
-        OutgoingEvent("o2", b"b"),
-        OutgoingEvent(None, b"c"),
-    ]
-    publisher.send("bookingtopic", events)
-    publisher.close()
-    assert producer.closed
-    keys_and_sizes = [(batch._partition_key, len(batch)) for batch in producer.sent]
-    # 400-byte bodies: two fit in 1024 bytes with the AMQP framing, a third does not.
-    assert keys_and_sizes == [("o1", 2), ("o1", 2), ("o1", 1), ("o2", 1), (None, 1)]
-    assert all(batch.size_in_bytes <= 1024 for batch in producer.sent)
-    assert publisher.sent == {"bookingtopic": 7}
-
-
-def test_publisher_rejects_an_event_larger_than_a_message():
-    publisher = EventHubsPublisher(EventHubsAddress("ns"), lambda hub: FakeProducerClient())
-    with pytest.raises(PublishError, match="larger than Event Hubs accepts"):
-        publisher.send("bookingtopic", [OutgoingEvent("o1", b"x" * 5000)])
-
-
-def test_publisher_retries_transient_failures_with_backoff():
-    producer = FakeProducerClient(
-        failures=[ConnectionLostError("detached"), OperationTimeoutError("timeout")]
-    )
-    sleeps: list[float] = []
-    publisher = EventHubsPublisher(
-        EventHubsAddress("ns"), lambda hub: producer, backoff=0.5, sleep=sleeps.append
-    )
-    producer.batch_failures = [ConnectionLostError("link not open yet")]
-    publisher.send("paymentstopic", [OutgoingEvent("o1", b"x")])
-    assert sleeps == [0.5, 0.5, 1.0]
-    assert len(producer.sent) == 1
-
-
-def test_publisher_gives_up_after_its_attempts_and_on_permanent_errors():
-    never = FakeProducerClient(failures=[OperationTimeoutError("busy")] * 10)
-    publisher = EventHubsPublisher(
-        EventHubsAddress("ns"), lambda hub: never, attempts=3, sleep=lambda s: None
-    )
-    with pytest.raises(PublishError, match="failed after 3 attempt"):
-        publisher.send("paymentstopic", [OutgoingEvent("o1", b"x")])
-    bad = FakeProducerClient(failures=[EventDataError("malformed")])
-    publisher = EventHubsPublisher(EventHubsAddress("ns"), lambda hub: bad, sleep=lambda s: None)
-    with pytest.raises(PublishError, match="after 1 attempt"):
-        publisher.send("paymentstopic", [OutgoingEvent("o1", b"x")])
-    refused = FakeProducerClient(failures=[AuthenticationError("Unauthorized")])
-    publisher = EventHubsPublisher(EventHubsAddress("ns"), lambda hub: refused)
-    with pytest.raises(UsageError, match="refused to publish"):
-        publisher.send("paymentstopic", [OutgoingEvent("o1", b"x")])
+# Publishing (the SDK's buffered producer) is tested in test_eventhubs_producer.py.
 
 
 live = pytest.mark.skipif(

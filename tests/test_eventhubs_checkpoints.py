@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import threading
 
-import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline
 
@@ -53,14 +52,13 @@ def run_pipeline_commits(connection_string: str, container: str) -> list[tuple[s
 
     with TestPipeline(runner="DirectRunner") as pipeline:
         read = pipeline | ReadFromHub(URL, HUB, bounded=True, with_positions=True, batch_size=50)
-        commits = (read[POSITIONS],) | CommitPositions(open_store, span=150 * SECOND)
-        committed = commits | beam.combiners.ToList()
+        _ = (read[POSITIONS],) | CommitPositions(open_store, span=150 * SECOND)
     store = open_store()
     try:
         return sorted(
             (HUB, partition, sequence_number)
             for partition, sequence_number in store.last_processed(HUB).items()
-        ), committed
+        )
     finally:
         store.close()
 
@@ -108,9 +106,7 @@ def test_the_sdk_resumes_exactly_after_the_pipelines_commit(azurite, monkeypatch
     service.append(HUB, "1", 200)  # ends at 199 s: commits stay 120 s behind it (the join)
     sdk_store_in_new_container(azurite, "interop").close()
 
-    committed, emitted = run_pipeline_commits(azurite, "interop")
-    assert committed == [(HUB, "0", 79), (HUB, "1", 79)]
-    assert sorted(emitted)[-1] == (HUB, "1", 79)
+    assert run_pipeline_commits(azurite, "interop") == [(HUB, "0", 79), (HUB, "1", 79)]
 
     # The checkpoint blobs name those events by sequence number and real offset.
     offsets = {

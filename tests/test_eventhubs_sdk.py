@@ -131,7 +131,7 @@ class FakeEventHubs:
         self.delivered: Counter = Counter()  # transfers, per (hub, partition)
         self.faults: list[Fault] = []
         self.management: Counter = Counter()  # requests, per operation
-        self.management_faults: list[bytes] = []
+        self.management_faults: list = []  # conditions (a link error), or errors to raise
         self.send_faults: list[tuple[str, bytes]] = []  # ("detach" | "reject", condition)
         self.transfers: list[tuple[str, str, int]] = []  # (hub, partition, events) per send
         self.max_message_size = 1024 * 1024
@@ -312,7 +312,8 @@ class FakeEventHubs:
         )
         self.management[operation_type] += 1
         if self.management_faults:
-            raise AMQPLinkError(self.management_faults.pop(0), description="injected")
+            fault = self.management_faults.pop(0)
+            raise fault if isinstance(fault, Exception) else AMQPLinkError(fault, description="x")
         properties = message.application_properties
         hub = properties["name"]
         if operation_type == "com.microsoft:eventhub":

@@ -12,7 +12,7 @@ from collections import Counter
 import orjson
 import pytest
 
-from pipeline.cli import build_parser, main
+from pipeline.cli import main
 from pipeline.commands import hub as hub_command
 from pipeline.io.hub import OutgoingEvent, PartitionProperties
 from pipeline.io.localhub import LocalHub
@@ -23,17 +23,8 @@ BASE = datetime_to_micros(dt.datetime(2026, 2, 8, 10, 0, 0))
 
 
 def replay(hub_path, hub_name: str, file) -> int:
-    """``bms replay`` of FILE into one event hub of the local hub at hub_path, with whichever
-    flags replay has: ``--hub NAME --hub-url PATH`` (today) or ``--hub-name NAME --hub PATH``
-    (the spelling bms hub uses)."""
-    parser = build_parser()
-    replay_parser = parser._subparsers._group_actions[0].choices["replay"]
-    flags = replay_parser._option_string_actions
-    if "--hub-name" in flags:
-        where = ["--hub-name", hub_name, "--hub", str(hub_path)]
-    else:
-        where = ["--hub", hub_name, "--hub-url", str(hub_path)]
-    return main(["replay", *where, str(file)])
+    """``bms replay`` of FILE into one event hub of the local hub at hub_path."""
+    return main(["replay", "--hub-name", hub_name, "--hub", str(hub_path), str(file)])
 
 
 def hub_contents(path) -> dict[str, list[tuple]]:
@@ -262,3 +253,17 @@ def test_the_same_code_lists_and_exports_a_hub_that_is_not_local(tmp_path):
     assert [orjson.loads(line)["partition_key"] for line in lines] == [
         f"k{s}" for s in range(40, 60)
     ]
+
+
+def test_the_hub_comes_from_the_environment(source, monkeypatch, capsys):
+    monkeypatch.setenv("BMS_HUB", str(source))
+    assert main(["hub", "ls", "--hub-name", PAYMENT_HUB]) == 0
+    out = capsys.readouterr().out
+    assert f"event hubs in {source}" in out and BOOKING_HUB not in out
+
+
+def test_a_typo_in_an_action_s_option_gets_a_suggestion(source, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["hub", "ls", "--hub", str(source), "--hubname", PAYMENT_HUB])
+    assert raised.value.code == 2
+    assert "unknown option --hubname; did you mean --hub-name?" in capsys.readouterr().err

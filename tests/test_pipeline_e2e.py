@@ -223,7 +223,7 @@ def test_replayed_edge_cases_join_by_enqueued_time(tmp_path):
     for name, lines in ((BOOKING_HUB, bookings), (PAYMENT_HUB, payments)):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("\n".join(lines) + "\n")
-        assert main(["replay", "--hub", name, "--hub-url", str(hub), str(path)]) == 0
+        assert main(["replay", "--hub-name", name, "--hub", str(hub), str(path)]) == 0
     run_bounded(hub, warehouse)
 
     facts = read_facts(warehouse)
@@ -266,7 +266,7 @@ def test_payload_event_time_joins_at_the_adjusted_payload_times(tmp_path):
         path = tmp_path / f"{name}.jsonl"
         ordered = sorted(entries, key=lambda entry: entry[0])
         path.write_text("".join(replay_line(at(t), k, b) + "\n" for t, k, b in ordered))
-        assert main(["replay", "--hub", name, "--hub-url", str(hub), str(path)]) == 0
+        assert main(["replay", "--hub-name", name, "--hub", str(hub), str(path)]) == 0
     run_bounded(hub, warehouse, "--event-time", "payload", "--late-arrival-tolerance", "60")
 
     def payload_time(event, payload):

@@ -11,6 +11,7 @@ streaming job on Prism is in ``test_streaming.py``; reading pieces of the source
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import apache_beam as beam
@@ -96,8 +97,8 @@ def test_the_bound_defaults_to_the_join_window():
     assert commits == {("bookingtopic", "0"): 17}  # 290 s - 120 s
 
 
-def _mark(partition, sequence_number, seconds, final=False, hub="bookingtopic"):
-    mark = PositionMark(hub, partition, sequence_number, T0 + seconds * SECOND, final)
+def _mark(partition, sequence_number, seconds, final=False, hub="bookingtopic", offset=None):
+    mark = PositionMark(hub, partition, sequence_number, T0 + seconds * SECOND, final, offset)
     return TimestampedValue(mark, mark.event_time / SECOND)
 
 
@@ -151,6 +152,28 @@ def test_positions_are_committed_once_the_watermark_passes_them_by_the_span(tmp_
     store = _FolderStore(tmp_path)()
     assert store.last_processed("bookingtopic") == {"0": 20}  # not 30: 60 s + 120 s > 170 s
     assert store.last_processed("paymentstopic") == {"1": 5}
+
+
+def test_commits_name_the_offset_of_the_committed_event(tmp_path):
+    """The event's own mark knows its offset; a later mark of the same position from a caught-up
+    piece (which did not read the event) does not, and the commit takes it from the former."""
+    stream = (
+        TestStream()
+        .advance_watermark_to(T0 / SECOND)
+        .add_elements([_mark("0", 10, 1, offset="5120"), _mark("0", 10, 30)])
+        .add_elements([_mark("1", 3, 2, offset="1536"), _mark("1", 4, 3, offset="2048")])
+        .add_elements([_mark("0", 40, 200, offset="9216")])
+        .advance_watermark_to_infinity()
+    )
+    options = PipelineOptions(streaming=True)
+    with TestPipeline(runner="BundleBasedDirectRunner", options=options) as pipeline:
+        commits = (pipeline | stream,) | CommitPositions(_FolderStore(tmp_path), 150 * SECOND)
+        assert_that(commits, equal_to([("bookingtopic", "0", 10), ("bookingtopic", "1", 4)]))
+    records = {path.stem: json.loads(path.read_text()) for path in tmp_path.rglob("*.json")}
+    assert {p: (r["sequence_number"], r["offset"]) for p, r in records.items()} == {
+        "0": (10, "5120"),
+        "1": (4, "2048"),
+    }
 
 
 def _bounded_run_marks():

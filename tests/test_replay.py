@@ -46,7 +46,7 @@ def write_lines(path, times, key="o1"):
 
 
 def replay(hub, file, *extra):
-    return main(["replay", "--hub", BOOKING_HUB, "--hub-url", str(hub), *extra, str(file)])
+    return main(["replay", "--hub-name", BOOKING_HUB, "--hub", str(hub), *extra, str(file)])
 
 
 def stored(hub):
@@ -159,7 +159,7 @@ def test_a_negative_wait_is_a_usage_error(tmp_path, capsys):
 def test_the_shipped_examples_replay_and_give_the_asa_rows(tmp_path, capsys):
     hub, warehouse = tmp_path / "hub.db", f"sqlite:///{tmp_path / 'warehouse.db'}"
     for name, file in ((BOOKING_HUB, "bookings.jsonl"), (PAYMENT_HUB, "payments.jsonl")):
-        assert main(["replay", "--hub", name, "--hub-url", str(hub), str(EXAMPLES / file)]) == 0
+        assert main(["replay", "--hub-name", name, "--hub", str(hub), str(EXAMPLES / file)]) == 0
     said = capsys.readouterr().err.splitlines()
     assert (
         f"appended 3 events to {BOOKING_HUB} in {hub} "
@@ -192,3 +192,12 @@ def test_the_examples_are_in_the_replay_format_with_json_object_bodies(file):
         record = orjson.loads(line)
         assert set(record) == {"enqueued_time", "partition_key", "body"}
         assert record["partition_key"] == record["body"]["order_id"]
+
+
+def test_the_old_spelling_with_an_event_hub_name_in_hub_is_one_line(tmp_path, capsys):
+    file = tmp_path / "events.jsonl"
+    file.write_text("")
+    hub = ["--hub", "bookingtopic", "--hub-name", "bookingtopic", str(file)]
+    assert main(["replay", *hub]) == 2
+    error = capsys.readouterr().err
+    assert "--hub is the hub file" in error and error.count("\n") == 1

@@ -186,6 +186,19 @@ def test_the_residual_beyond_the_partition_reads_nothing_and_polls_without_a_mar
     assert read.marks[1].event_time > T0 + 60 * SECOND  # the idle mark, at about now
 
 
+def test_marks_carry_the_offset_of_their_event(hub):
+    """The local hub has no offsets: the sequence number, as text, stands in for one. A caught-up
+    piece's mark of the last event read carries that event's offset too."""
+    append(hub, 0, 5)
+    fn = reader(str(hub.path))
+    tracker = OffsetRestrictionTracker(OffsetRange(0, sys.maxsize))
+    call = drive(fn, OPEN, tracker, _new())
+    assert [(m.sequence_number, m.offset) for m in call.marks] == [(4, "4")]
+    rest = drive(fn, OPEN, OffsetRestrictionTracker(call.deferred), _new())
+    idle = [m for m in rest.marks if not m.final]
+    assert idle and all((m.sequence_number, m.offset) == (4, "4") for m in idle)
+
+
 def test_a_residual_split_off_near_the_end_reads_once_the_partition_reaches_it(hub):
     append(hub, 0, 5)
     fn = reader(str(hub.path))

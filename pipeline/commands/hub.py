@@ -43,6 +43,25 @@ _LOG = logging.getLogger(__name__)
 # ---- command line ----
 
 
+class _StrictParser(argparse.ArgumentParser):
+    """An action's parser that refuses an option it does not know itself, with a did-you-mean
+    from its own options (``bms`` checks leftovers against ``bms hub``'s, which has none)."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        from pipeline.cli import _unknown_option
+
+        namespace, extra = super().parse_known_args(args, namespace)
+        if extra:
+            known = [
+                option
+                for action in self._actions
+                if action.help is not argparse.SUPPRESS
+                for option in action.option_strings
+            ]
+            self.error(_unknown_option(extra, known) or f"unexpected argument {extra[0]}")
+        return namespace, extra
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     from pipeline.cli import _add_verbosity
 
@@ -56,7 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         dest="hub_action",
         required=True,
         metavar="ACTION",
-        parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False),
+        parser_class=functools.partial(_StrictParser, allow_abbrev=False),
     )
     ls = actions.add_parser(
         "ls",

@@ -123,6 +123,7 @@ def _hub_events(url: str) -> Iterator[HubEvent]:
 
 _SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|sig|credential|odbc_connect", re.IGNORECASE)
 _ODBC_SHOWN = ("driver", "server", "database")
+_IN_MEMORY = (None, "", ":memory:")  # SQLite database names of no file
 _MISSING_ODBC_DRIVER = re.compile(r"Can't open lib|\bIM002\b|Data source name not found")
 _DRIVER_HINTS = {
     "postgresql": "pip install -e '.[postgres]' and write postgresql+psycopg://USER@HOST/DB",
@@ -260,12 +261,8 @@ def _check_warehouse(url: str, what: str, tables: list[str]) -> None:
     with _reading(url, what):
         parsed = sa.make_url(url)
         database = parsed.database
-        sqlite_file = parsed.get_backend_name() == "sqlite" and database not in (
-            None,
-            "",
-            ":memory:",
-        )
-        if sqlite_file and not Path(database).is_file():
+        sqlite_file = parsed.get_backend_name() == "sqlite" and database not in _IN_MEMORY
+        if sqlite_file and not Path(database).is_file():  # connecting would create it, empty
             raise UsageError(f"{what}: no SQLite database at {database}")
         engine = create_engine(url)
         try:

@@ -25,6 +25,7 @@ from pipeline.io.localhub import (
     LocalHub,
     describe_duration,
 )
+from pipeline.options import HUB_ENV, env_default
 from pipeline.schema import HUBS, datetime_to_micros, micros_to_datetime
 
 
@@ -75,9 +76,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "The file goes in as one transaction: a bad line, a time in the future or a hub busy "
         "for longer than --wait, and nothing is appended.",
     )
-    parser.add_argument("--hub", required=True, choices=HUBS, help="the hub to append to")
+    hub = env_default(HUB_ENV, DEFAULT_HUB_URL)
     parser.add_argument(
-        "--hub-url", default=DEFAULT_HUB_URL, help="local hub file (default: %(default)s)"
+        "--hub-name", required=True, choices=HUBS, help="the event hub to append to"
+    )
+    parser.add_argument(
+        "--hub", default=hub, help=f"the local hub file (default: {hub}; env {HUB_ENV})"
     )
     parser.add_argument(
         "--allow-future",
@@ -129,10 +133,15 @@ def run(args: argparse.Namespace) -> int:
             "their rows only then; pass --allow-future to append them anyway; nothing was "
             "appended"
         )
-    path = args.hub_url.removeprefix("local:")
+    if args.hub in HUBS:
+        raise UsageError(
+            f"--hub is the hub file (as for every command): name the event hub with "
+            f"--hub-name {args.hub}"
+        )
+    path = args.hub.removeprefix("local:")
     try:
         with LocalHub(path, busy_timeout=args.wait) as hub:
-            hub.append(args.hub, events)
+            hub.append(args.hub_name, events)
     except HubBusy as error:
         raise RuntimeFailure(
             f"{error}; nothing from {args.file} was appended: run the same command again"
@@ -143,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         if events
         else ""
     )
-    print(f"appended {len(events)} events to {args.hub} in {path}{span}", file=sys.stderr)
+    print(f"appended {len(events)} events to {args.hub_name} in {path}{span}", file=sys.stderr)
     return 0
 
 

@@ -77,7 +77,7 @@ def _rich_table(section: Section) -> Table:
     for row in section.rows:
         table.add_row(*(format_value(v, c) for v, c in zip(row, section.columns, strict=True)))
     if not section.rows:
-        table.add_row(*("" for _ in section.columns))
+        table.add_row("no rows", *("" for _ in section.columns[1:]))
     return table
 
 

@@ -157,7 +157,7 @@ class PrismServer(job_server.JobServer):
             raise RuntimeFailure(
                 f"no Prism binary at {self.binary}: run scripts/setup-runners prism"
             )
-        atexit.register(self.stop)
+        atexit.register(self._stop_at_exit)
         for attempt in range(3):  # the free port picked may be taken before Prism binds it
             port = _free_port()
             self.process = _launch(self._command(port))
@@ -228,10 +228,19 @@ class PrismServer(job_server.JobServer):
             self._reader.join(timeout=2)
         return self._last_line or "(nothing in its log)"
 
+    def _stop_at_exit(self) -> None:
+        """``stop`` as bms exits. The job is over (done, failed or cancelled), but after a
+        cancel bms's LOOPBACK workers may still hold streams to Prism: each would print a
+        stack trace as they break. Those are muted, unless bms -v."""
+        if not PRISM_LOG.isEnabledFor(logging.INFO):
+            logging.getLogger("apache_beam.runners.worker").setLevel(logging.CRITICAL)
+            threading.excepthook = lambda args: None
+        self.stop()
+
     def stop(self) -> None:
         """Stops Prism: SIGTERM, then SIGKILL if it is still there after ``STOP_TIMEOUT``."""
         with contextlib.suppress(Exception):
-            atexit.unregister(self.stop)
+            atexit.unregister(self._stop_at_exit)
         process, self.process = self.process, None
         if self._channel is not None:
             self._channel.close()

@@ -320,7 +320,7 @@ def test_replay_keeps_enqueued_times_and_stores_bodies_as_they_are(tmp_path):
         )
     )
     assert (
-        main(["replay", "--hub", PAYMENT_HUB, "--hub-url", str(tmp_path / "hub.db"), str(path)])
+        main(["replay", "--hub-name", PAYMENT_HUB, "--hub", str(tmp_path / "hub.db"), str(path)])
         == 0
     )
     events = sorted(all_events(tmp_path / "hub.db", PAYMENT_HUB), key=lambda e: e.enqueued_time)
@@ -351,7 +351,7 @@ def test_a_bad_replay_line_is_one_error_and_nothing_is_appended(
     )
     path.write_text(good + bad_line + "\n")
     hub = tmp_path / "hub.db"
-    assert main(["replay", "--hub", BOOKING_HUB, "--hub-url", str(hub), str(path)]) == 2
+    assert main(["replay", "--hub-name", BOOKING_HUB, "--hub", str(hub), str(path)]) == 2
     error = capsys.readouterr().err
     assert message in error and "nothing was appended" in error and error.count("\n") == 1
     assert all_events(hub, BOOKING_HUB) == []
@@ -362,5 +362,5 @@ def test_replay_reads_stdin(tmp_path, monkeypatch):
         {"enqueued_time": "2026-02-08T10:00:00Z", "partition_key": "k", "body": "{}"}
     )
     monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines.encode())))
-    assert main(["replay", "--hub", BOOKING_HUB, "--hub-url", str(tmp_path / "hub.db"), "-"]) == 0
+    assert main(["replay", "--hub-name", BOOKING_HUB, "--hub", str(tmp_path / "hub.db"), "-"]) == 0
     assert len(all_events(tmp_path / "hub.db", BOOKING_HUB)) == 1

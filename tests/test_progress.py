@@ -167,8 +167,7 @@ def test_commits_name_the_offset_of_the_committed_event(tmp_path):
     )
     options = PipelineOptions(streaming=True)
     with TestPipeline(runner="BundleBasedDirectRunner", options=options) as pipeline:
-        commits = (pipeline | stream,) | CommitPositions(_FolderStore(tmp_path), 150 * SECOND)
-        assert_that(commits, equal_to([("bookingtopic", "0", 10), ("bookingtopic", "1", 4)]))
+        _ = (pipeline | stream,) | CommitPositions(_FolderStore(tmp_path), 150 * SECOND)
     records = {path.stem: json.loads(path.read_text()) for path in tmp_path.rglob("*.json")}
     assert {p: (r["sequence_number"], r["offset"]) for p, r in records.items()} == {
         "0": (10, "5120"),

@@ -23,7 +23,9 @@ from pipeline.io.warehouses.base import WarehouseWriteError, dead_letter_row
 from pipeline.io.warehouses.synapse import (
     DEAD_LETTERS,
     FACTS,
+    MSSQL,
     POSTGRES,
+    SYNAPSE,
     TSQL,
     SynapseWriter,
     TableSpec,
@@ -33,8 +35,9 @@ from pipeline.io.warehouses.synapse import (
     create_staging_statement,
     is_data_error,
     is_transient,
-    merge_staging_statement,
+    move_statement,
     parse_target,
+    rows_per_statement,
     stage_statement,
 )
 from pipeline.schema import (
@@ -52,7 +55,7 @@ ODBC = os.environ.get(
     "BMS_TEST_ODBC",
     "Driver={PostgreSQL Unicode};Server=127.0.0.1;Port=5432;Database=bms_test;Uid=bms;Pwd=bms",
 )
-DDL = Path(__file__).resolve().parents[1] / "sql" / "synapse_create_table.sql"
+SQL = Path(__file__).resolve().parents[1] / "sql"
 SEAT = FACT_COLUMN_NAMES.index("seat_number")
 PRICE = FACT_COLUMN_NAMES.index("seat_price")
 
@@ -61,66 +64,195 @@ PRICE = FACT_COLUMN_NAMES.index("seat_price")
 
 
 def tsql_statements():
-    for table in (FACTS, DEAD_LETTERS):
-        yield stage_statement(table, TSQL)
-        yield create_staging_statement(table, TSQL)
-        yield merge_staging_statement(table, TSQL)
-    yield synapse.clear_staging_statement(TSQL)
+    for dialect in (SYNAPSE, MSSQL):
+        for table in (FACTS, DEAD_LETTERS):
+            yield stage_statement(table, dialect, 1)
+            yield stage_statement(table, dialect, rows_per_statement(table))
+            yield create_staging_statement(table, dialect)
+            yield move_statement(table, dialect, time_range=False)
+        yield move_statement(FACTS, dialect, time_range=True)
+        yield synapse.clear_staging_statement(dialect)
     yield synapse.columns_query()
+    yield synapse.engine_query()
+    yield synapse.unique_key_query()
 
 
 @pytest.mark.parametrize("statement", list(tsql_statements()))
 def test_every_tsql_statement_parses_as_tsql(statement):
     parsed = sqlglot.parse(statement, read="tsql", error_level=sqlglot.ErrorLevel.RAISE)
     assert len(parsed) == 1 and parsed[0] is not None
+    assert not isinstance(parsed[0], sqlglot.exp.Command)  # parsed, not just passed through
+    assert statement.count("?") <= synapse.STATEMENT_PARAMETERS < synapse.MAX_PARAMETERS
 
 
 @pytest.mark.parametrize("table", [FACTS, DEAD_LETTERS], ids=["facts", "dead_letters"])
-def test_staging_inserts_are_single_row_and_parameterised_for_every_column(table):
-    insert = sqlglot.parse_one(stage_statement(table, TSQL), read="tsql")
+@pytest.mark.parametrize("dialect", [SYNAPSE, MSSQL])
+def test_staging_inserts_are_union_all_selects_of_parameters_within_the_limit(table, dialect):
+    per = rows_per_statement(table)
+    assert per * len(table.columns) <= 2099 < (per + 1) * len(table.columns)
+    insert = sqlglot.parse_one(stage_statement(table, dialect, per), read="tsql")
     assert [c.name for c in insert.this.expressions] == [c.name for c in table.columns]
     assert insert.this.expressions[-1].name == "row_key"
-    (row,) = insert.expression.expressions  # one VALUES tuple: dedicated pools reject more
-    assert len(row.expressions) == len(table.columns)
-    assert all(isinstance(value, sqlglot.exp.Placeholder) for value in row.expressions)
+    assert insert.this.this.this.args["temporary"]  # into the session's #temp table
+    assert not list(insert.find_all(sqlglot.exp.Values))  # dedicated pools have no multi-row VALUES
+    selects = list(insert.expression.find_all(sqlglot.exp.Select))
+    assert len(selects) == per
+    for select in selects:
+        assert len(select.expressions) == len(table.columns)
+        assert all(isinstance(value, sqlglot.exp.Placeholder) for value in select.expressions)
+    with pytest.raises(ValueError):
+        stage_statement(table, dialect, per + 1)
 
 
-@pytest.mark.parametrize("table", [FACTS, DEAD_LETTERS], ids=["facts", "dead_letters"])
-def test_the_move_keys_on_the_row_key_alone(table):
-    move = sqlglot.parse_one(merge_staging_statement(table, TSQL), read="tsql")
-    assert [c.name for c in move.this.expressions] == [c.name for c in table.columns]
-    exists = move.find(sqlglot.exp.Exists)
-    (comparison,) = list(exists.find_all(sqlglot.exp.EQ))
-    assert {(c.table, c.name) for c in comparison.find_all(sqlglot.exp.Column)} == {
-        ("t", "row_key"),
-        ("s", "row_key"),
+@pytest.mark.parametrize("dialect", [SYNAPSE, MSSQL])
+def test_the_move_keys_on_the_row_key_and_looks_only_at_the_batch_time_range(dialect):
+    move = sqlglot.parse_one(move_statement(FACTS, dialect, time_range=True), read="tsql")
+    assert [c.name for c in move.this.expressions] == [c.name for c in FACTS.columns]
+    (exists,) = list(move.find_all(sqlglot.exp.Exists))
+    assert isinstance(exists.parent, sqlglot.exp.Not)
+    matched = {
+        tuple(sorted((c.table, c.name) for c in eq.find_all(sqlglot.exp.Column)))
+        for eq in exists.find_all(sqlglot.exp.EQ)
     }
+    assert matched == {
+        (("s", "order_id"), ("t", "order_id")),  # the distribution column: a local join
+        (("s", "row_key"), ("t", "row_key")),
+    }
+    bounds = [*exists.find_all(sqlglot.exp.GTE), *exists.find_all(sqlglot.exp.LTE)]
+    assert [(b.this.table, b.this.name) for b in bounds] == [("t", "booking_event_time")] * 2
+    assert all(isinstance(b.expression, sqlglot.exp.Placeholder) for b in bounds)
     assert not list(exists.find_all(sqlglot.exp.Or)) and not list(exists.find_all(sqlglot.exp.Is))
-    (window,) = list(move.find_all(sqlglot.exp.Window))
-    assert [c.name for c in window.args["partition_by"]] == ["row_key"]
-    staging = sqlglot.parse_one(create_staging_statement(table, TSQL), read="tsql")
-    name = staging.find(sqlglot.exp.Table).this
-    assert name.name == "bms_staging" and name.args["temporary"]  # a #session temp table
+    assert not list(move.find_all(sqlglot.exp.Window))  # a batch's keys are made unique first
+    # the dead letters have no time column; their distribution column is the key itself
+    letters = sqlglot.parse_one(move_statement(DEAD_LETTERS, dialect, time_range=False), "tsql")
+    assert {c.name for c in letters.find(sqlglot.exp.Exists).find_all(sqlglot.exp.Column)} == {
+        "row_key"
+    }
+    with pytest.raises(ValueError):
+        move_statement(DEAD_LETTERS, dialect, time_range=True)
 
 
-def test_tables_take_their_columns_from_the_schema_and_the_ddl_matches():
+def test_the_staging_table_is_a_session_temp_table_with_options_only_for_dedicated_pools():
+    for table in (FACTS, DEAD_LETTERS):
+        pool = create_staging_statement(table, SYNAPSE)
+        assert pool.startswith("CREATE TABLE #bms_staging (")
+        assert pool.endswith(") WITH (DISTRIBUTION = ROUND_ROBIN, HEAP)")
+        database = create_staging_statement(table, MSSQL)
+        assert database == pool.removesuffix(" WITH (DISTRIBUTION = ROUND_ROBIN, HEAP)")
+        created = sqlglot.parse_one(database, read="tsql")
+        assert created.this.this.this.args["temporary"]
+        assert [c.args["kind"].sql("tsql") for c in created.this.expressions] == [
+            sqlglot.exp.DataType.build(c.sql_type, dialect="tsql").sql("tsql")
+            for c in table.columns
+        ]
+    assert synapse.clear_staging_statement(SYNAPSE) == "DELETE FROM #bms_staging"
+
+
+def test_a_batch_is_unique_by_key_and_its_time_range_ignores_nothing():
+    rows = [fact(2), fact(1), fact(2), fact(3, key=fact_row_key("0:1:0", "1:1"))]
+    assert synapse.first_of_each_key(rows) == [fact(2), fact(1)]
+    assert synapse.time_range(FACTS, [fact(2), fact(1)]) == (fact(1)[18], fact(2)[18])
+    no_time = fact(4)[:18] + (None,) + fact(4)[19:]
+    assert synapse.time_range(FACTS, [fact(1), no_time]) is None  # NULL lies in no range
+    assert synapse.time_range(DEAD_LETTERS, [("x",) * 7]) is None
+
+
+# ---- the DDL files ----
+
+#: A dedicated pool's table options sqlglot has no grammar for, and what it can parse instead.
+POOL_OPTIONS = re.compile(
+    r"WITH \((DISTRIBUTION = (?:HASH\(\w+\)|ROUND_ROBIN)), "
+    r"(?:HEAP|CLUSTERED INDEX \(\w+\)|CLUSTERED COLUMNSTORE INDEX(?: ORDER \(\w+\))?)\)"
+)
+
+
+def batches(path: Path) -> list[str]:
+    """The batches of a script, split on GO lines as sqlcmd does."""
+    return [batch for batch in re.split(r"(?m)^GO$", path.read_text()) if batch.strip()]
+
+
+def parsed_script(path: Path) -> list[sqlglot.exp.Expression]:
+    statements = []
+    for batch in batches(path):
+        batch = POOL_OPTIONS.sub(lambda match: f"WITH ({match.group(1)})", batch)
+        for statement in sqlglot.parse(batch, read="tsql", error_level=sqlglot.ErrorLevel.RAISE):
+            if statement is not None:
+                statements.append(statement)
+    return statements
+
+
+def created_tables(statements) -> dict[str, list]:
+    creates = [c for s in statements for c in s.find_all(sqlglot.exp.Create) if c.kind == "TABLE"]
+    return {c.this.this.name: c.this.expressions for c in creates}
+
+
+@pytest.mark.parametrize("script", ["synapse_create_table.sql", "mssql_create_table.sql"])
+def test_the_ddl_scripts_match_the_schema_and_can_run_again(script):
     assert FACTS.columns == FACT_TABLE_COLUMNS and DEAD_LETTERS.columns == DEAD_LETTER_COLUMNS
     assert FACTS.key == DEAD_LETTERS.key == ("row_key",)
-    text = DDL.read_text()
-    # sqlglot has no grammar for a dedicated pool's columnstore option
-    text = text.replace(", CLUSTERED COLUMNSTORE INDEX);", ");")
-    created = {
-        statement.this.this.name: statement.this.expressions
-        for statement in sqlglot.parse(text, read="tsql")
-        if isinstance(statement, sqlglot.exp.Create) and statement.kind == "TABLE"
-    }
+    statements = parsed_script(SQL / script)
+    tables = created_tables(statements)
     for spec in (FACTS, DEAD_LETTERS):
-        columns = created[spec.name]
+        columns = [c for c in tables[spec.name] if isinstance(c, sqlglot.exp.ColumnDef)]
         assert [(c.name, c.args["kind"].sql("tsql")) for c in columns] == [
             (c.name, sqlglot.exp.DataType.build(c.sql_type, dialect="tsql").sql("tsql"))
             for c in spec.columns
         ]
         assert columns[-1].name == "row_key" and "NOT NULL" in columns[-1].sql("tsql")
+        nullable = NULLABLE_FACT_COLUMNS if spec is FACTS else frozenset()
+        assert [c.name for c in columns if "NOT NULL" in c.sql("tsql")] == [
+            c.name for c in spec.columns if c.name not in nullable
+        ]
+    # every batch but a GRANT is guarded by IF ... IS NULL (schema, tables, user) or IF NOT
+    # EXISTS (an index), so a second run changes nothing
+    for batch in batches(SQL / script):
+        code = "\n".join(line for line in batch.splitlines() if not line.startswith("--"))
+        assert re.match(
+            r"\s*(IF (SCHEMA_ID|OBJECT_ID|DATABASE_PRINCIPAL_ID)\(N'[\w.-]+'(, N'U')?\) IS NULL"
+            r"|IF NOT EXISTS \(|GRANT )",
+            code,
+        ), code
+    text = (SQL / script).read_text()
+    assert "EXEC(N'CREATE SCHEMA bookymyshow')" in text  # CREATE SCHEMA must begin a batch
+    assert all(batch.strip().endswith(";") for batch in batches(SQL / script) if "IF " in batch)
+
+
+def test_only_the_dedicated_pool_script_has_distribution_options():
+    pool = (SQL / "synapse_create_table.sql").read_text()
+    assert (
+        pool.count("WITH (DISTRIBUTION = HASH(order_id), CLUSTERED INDEX (booking_event_time))")
+        == 1
+    )
+    assert pool.count("WITH (DISTRIBUTION = HASH(row_key), CLUSTERED INDEX (row_key))") == 1
+    assert "GRANT ADMINISTER DATABASE BULK OPERATIONS TO [bms-pipeline];" in pool
+    database = (SQL / "mssql_create_table.sql").read_text()
+    code = "\n".join(line for line in database.splitlines() if not line.startswith("--"))
+    assert not re.search(r"DISTRIBUTION|HEAP|COLUMNSTORE", code)
+    # a real unique index on row_key, which ignores a racing writer's duplicate
+    for name in ("bookings_fact", "dead_letters"):
+        assert re.search(
+            rf"CONSTRAINT pk_{name} PRIMARY KEY (NON)?CLUSTERED \(row_key\) "
+            r"WITH \(IGNORE_DUP_KEY = ON\)",
+            database,
+        )
+
+
+def test_the_dedupe_script_keeps_one_row_per_key():
+    statements = parsed_script(SQL / "synapse_dedupe.sql")
+    (view,) = [s for s in statements if isinstance(s, sqlglot.exp.Create) and s.kind == "VIEW"]
+    assert [e.alias_or_name for e in view.expression.expressions] == [
+        c.name for c in FACT_TABLE_COLUMNS
+    ]
+    (window,) = list(view.find_all(sqlglot.exp.Window))
+    assert [c.name for c in window.args["partition_by"]] == ["order_id", "row_key"]
+    assert view.expression.args["where"].sql("tsql") == "WHERE copy_number = 1"
+    (ctas,) = [s for s in statements if isinstance(s, sqlglot.exp.Create) and s.kind == "TABLE"]
+    assert ctas.expression.find(sqlglot.exp.Table).name == "bookings_fact_unique"
+    renames = [s.sql("tsql") for s in statements if isinstance(s, sqlglot.exp.Command)]
+    assert renames == [
+        "RENAME OBJECT bookymyshow.bookings_fact TO bookings_fact_before_compaction",
+        "RENAME OBJECT bookymyshow.bookings_fact_compacted TO bookings_fact",
+    ]
 
 
 # ---- pure parts ----
@@ -157,6 +289,25 @@ def test_access_token_is_length_prefixed_utf16le():
             True,
         ),
         ("HY000", "[Microsoft][SQL Server]Not enough resources. (49918) (SQLExecDirectW)", True),
+        ("HY000", "[SQL Server]Too many create or update operations. (49919) (SQLExecute)", True),
+        ("HY000", "[SQL Server]Too many operations in progress. (49920) (SQLExecute)", True),
+        (
+            "42000",
+            "[SQL Server]Resource ID : 1. The request limit is 30. (10928) (SQLExecute)",
+            True,
+        ),
+        (
+            "42000",
+            "[SQL Server]Resource ID : 1. The min guarantee is 0. (10929) (SQLExecute)",
+            True,
+        ),
+        (
+            "42000",
+            "[SQL Server]An attempt to complete a transaction has failed. No corresponding "
+            "transaction found. (111214) (SQLExecDirectW)",
+            True,
+        ),
+        ("08S01", "[Microsoft][ODBC Driver 18 for SQL Server]Communication link failure", True),
         ("42S02", "[Microsoft][SQL Server]Invalid object name 'x'. (208) (SQLExecDirectW)", False),
         (
             "28000",
@@ -202,6 +353,26 @@ def test_data_errors_are_told_apart(kind, sqlstate, message, data):
     error = getattr(pyodbc, kind)(sqlstate, message)
     assert is_data_error(error) is data
     assert SynapseWriter(lambda: None, FACTS).is_data_error(error) is data
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "transient"),
+    [
+        ("ServiceRequestError", None, True),  # could not connect
+        ("ServiceResponseError", None, True),  # connection reset while waiting
+        ("HttpResponseError", 503, True),  # server busy
+        ("HttpResponseError", 429, True),  # throttled
+        ("ClientAuthenticationError", 403, False),  # no role assignment
+        ("ResourceNotFoundError", 404, False),  # no such container
+    ],
+)
+def test_storage_errors_of_the_staging_container_are_told_apart(kind, status, transient):
+    exceptions = pytest.importorskip("azure.core.exceptions")
+    error = getattr(exceptions, kind)("the service's message")
+    if status is not None:
+        error.status_code = status
+    assert is_transient(error) is transient
+    assert not is_data_error(error)
 
 
 def test_our_own_errors_are_neither_transient_nor_data_errors():
@@ -386,10 +557,10 @@ def by_key(rows) -> list[tuple]:
 
 def pg_writer(pyodbc, spec: TableSpec, connect=None) -> SynapseWriter:
     return SynapseWriter(
+        # pyodbc's default, autocommit off: the writer turns it on before its first statement
         connect or (lambda: pyodbc.connect(ODBC, autocommit=False)),
         spec,
         dialect=POSTGRES,
-        fast_executemany=False,  # psqlODBC has no parameter arrays
         location="127.0.0.1:5432/bms_test",
     )
 
@@ -399,8 +570,29 @@ def test_batches_round_trip_every_value(pyodbc, table):
     writer = pg_writer(pyodbc, table)
     assert [writer.write_batch(rows[i : i + 10]) for i in range(0, len(rows), 10)] == [10, 10, 6]
     assert writer.write_batch([]) == 0
+    assert writer._connection.autocommit  # every statement ran in autocommit mode
     writer.close()
     assert rows_in(pyodbc, table) == by_key(rows)
+
+
+def test_a_large_batch_is_staged_in_statements_within_the_parameter_limit(pyodbc, table):
+    rows = [fact(n) for n in range(1000)]  # 11 staging INSERTs of up to 99 rows, one move
+    writer = pg_writer(pyodbc, table)
+    assert writer.write_batch(rows) == 1000
+    assert writer.write_batch([*rows[::7], fact(1000)]) == 1  # a replay's batch: one new row
+    writer.close()
+    assert len(rows_in(pyodbc, table)) == 1001
+
+
+def test_the_move_skips_keys_stored_at_the_same_booking_time_only(pyodbc, table):
+    # The row key determines the booking time (the booking event's): a stored key always lies in
+    # the batch's time range, so the range restriction skips nothing it should not.
+    writer = pg_writer(pyodbc, table)
+    assert writer.write_batch([fact(5)]) == 1
+    assert writer.write_batch([fact(1), fact(5), fact(9)]) == 2  # fact(5) is inside [1, 9]
+    assert writer.write_batch([fact(5), fact(6)]) == 1  # at the range's bound
+    writer.close()
+    assert [row[0] for row in rows_in(pyodbc, table)] == ["o1", "o5", "o6", "o9"]
 
 
 def test_each_row_key_is_written_once_and_rows_differing_only_in_their_key_all_land(pyodbc, table):
@@ -605,6 +797,21 @@ def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, m
 
 # ---- live: a real Synapse pool ----
 
+LIVE_STAGING_ENV = "BMS_TEST_STAGING"
+
+
+def live_paths():
+    yield pytest.param(None, id="insert")
+    yield pytest.param(
+        os.environ.get(LIVE_STAGING_ENV),
+        id="staging",
+        marks=pytest.mark.skipif(
+            not os.environ.get(LIVE_STAGING_ENV),
+            reason=f"live staging test: also set {LIVE_STAGING_ENV}=https://ACCOUNT.blob.core."
+            "windows.net/CONTAINER or blob:CONTAINER (see docs/synapse.md)",
+        ),
+    )
+
 
 @pytest.mark.live
 @pytest.mark.skipif(
@@ -612,19 +819,24 @@ def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, m
     reason="live Synapse test: set SYNAPSE_URL=mssql+pyodbc://WORKSPACE.sql.azuresynapse.net/POOL "
     "(and SYNAPSE_USER/SYNAPSE_PASSWORD, or an Azure identity)",
 )
-def test_live_synapse_table_and_idempotent_write():
-    writer = synapse.writer_for(os.environ["SYNAPSE_URL"])
-    marker = ("bms-live-test", *fact(0)[1:20], "bms-live-test")
+@pytest.mark.parametrize("staging", list(live_paths()))
+def test_live_synapse_table_and_idempotent_write(staging):
+    """Each write path against the real pool: one marker row (order_id ``bms-live-test``, one
+    row key per path), at most once however often this runs."""
+    writer = synapse.writer_for(os.environ["SYNAPSE_URL"], staging=staging)
+    key = "bms-live-test" if staging is None else "bms-live-test-staging"
+    marker = ("bms-live-test", *fact(0)[1:20], key)
     try:
-        # once per row key, however often this runs: the table's columns are checked first
         writer.write_batch([marker, marker])
         writer.write_batch([marker])
         (count,) = writer._run(
             lambda cursor: cursor.execute(
-                f"SELECT COUNT(*) FROM {writer.table.qualified_name} WHERE row_key = ?",
-                "bms-live-test",
+                f"SELECT COUNT(*) FROM {writer.table.qualified_name} "
+                "WHERE order_id = ? AND row_key = ?",
+                ["bms-live-test", key],
             ).fetchone()
         )
         assert count == 1
+        assert writer.dialect in (SYNAPSE, MSSQL)
     finally:
         writer.close()

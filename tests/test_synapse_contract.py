@@ -393,6 +393,7 @@ class Cursor:
                 "DATETIME2": pa.types.is_timestamp,
                 "FLOAT": pa.types.is_float64,
                 "INT": pa.types.is_int32,
+                "INTEGER": pa.types.is_int32,  # INT as sqlglot writes it
                 "BIGINT": pa.types.is_int64,
             }[declared]
             if not accepted(field.type):
@@ -678,7 +679,7 @@ REFUSED = {
     "merge-insert-into-round-robin": (
         DEDICATED_POOL,
         True,
-        MERGE_HEAD.format("dead_letters")
+        MERGE_HEAD.format("round_robin")
         + "WHEN NOT MATCHED BY TARGET THEN INSERT (row_key) VALUES (s.row_key);",
         (),
         "only for HASH distributed",
@@ -722,7 +723,7 @@ REFUSED = {
 def test_the_fake_refuses_what_the_service_refuses(case):
     edition, autocommit, statement, parameters, says = REFUSED[case]
     pool = DedicatedPool(edition)
-    pool.create(FACTS, DEAD_LETTERS)
+    pool.create(FACTS, DEAD_LETTERS, FACTS._replace(name="round_robin", distribution=None))
     session = pool.connect(autocommit=autocommit)
     if "MERGE" in statement:
         engine = SYNAPSE if edition == DEDICATED_POOL else MSSQL

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -315,3 +316,15 @@ def test_a_prism_that_cannot_start_is_one_line_naming_its_last_words(tmp_path):
     assert str(failure.value) == (
         f"Prism ({binary}) exited at start with code 2: panic: failed to listen: address in use"
     )
+
+
+def test_prisms_json_log_lines_keep_their_level_and_fields():
+    parse = prism._parse_log_line
+    line = '{"time":"2026-11-25T14:00:00Z","level":"WARN","msg":"empty transform","urn":"u"}'
+    assert parse(line) == (logging.WARNING, "empty transform (urn='u')")
+    assert parse('{"level":"ERROR+2","msg":"boom"}') == (logging.ERROR + 2, "boom")
+    assert parse('{"level":"INFO","msg":"log from SDK worker","sdk":{"msg":"hi"}}') == (
+        logging.INFO,
+        "hi",
+    )
+    assert parse("panic: failed to listen") == (logging.INFO, "panic: failed to listen")

@@ -209,6 +209,10 @@ class _ReadPartitionFn(beam.DoFn):
                 yield beam.window.TimestampedValue(event, Timestamp(micros=event.enqueued_time))
                 last = event
             metrics.EVENTS_READ.inc(len(events), hub=element.hub)
+            self._last_offsets[(element.hub, element.partition)] = (
+                events[-1].sequence_number,
+                _offset(events[-1]),
+            )
             position = events[-1].sequence_number + 1
             self._saw_end(element, position)
             _advance(watermark, events[-1].enqueued_time - self._watermark_delay_micros, element)

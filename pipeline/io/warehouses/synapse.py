@@ -123,8 +123,8 @@ IDEMPOTENT_REMOVED = (
 
 class TableSpec(NamedTuple):
     """A target table: its columns in DDL order, the key that identifies a row, its distribution
-    column (None: round robin) and the time column a batch's move is restricted to (None: the
-    whole table)."""
+    column in a dedicated pool (None: round robin) and the time column a batch's move is
+    restricted to (None: the whole table)."""
 
     schema: str
     name: str
@@ -142,7 +142,9 @@ class TableSpec(NamedTuple):
         """The columns a staged row and a stored one are matched on: the distribution column
         (a row key determines it, so matching it changes nothing but lets a dedicated pool join
         each distribution locally) and the key."""
-        return (self.distribution, *self.key) if self.distribution else self.key
+        if self.distribution in (None, *self.key):
+            return self.key
+        return (self.distribution, *self.key)
 
 
 FACTS = TableSpec(
@@ -153,7 +155,13 @@ FACTS = TableSpec(
     distribution="order_id",
     time_column="booking_event_time",
 )
-DEAD_LETTERS = TableSpec(FACT_SCHEMA, DEAD_LETTER_TABLE, DEAD_LETTER_COLUMNS, (ROW_KEY.name,))
+DEAD_LETTERS = TableSpec(
+    FACT_SCHEMA,
+    DEAD_LETTER_TABLE,
+    DEAD_LETTER_COLUMNS,
+    (ROW_KEY.name,),
+    distribution=ROW_KEY.name,
+)
 TARGETS = {base.FACTS: FACTS, base.DEAD_LETTERS: DEAD_LETTERS}
 
 

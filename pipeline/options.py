@@ -25,6 +25,8 @@ from pipeline.io.positions import StartPosition
 from pipeline.io.warehouses import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_RETRY_DEADLINE_SECONDS,
+    DEFAULT_STAGING_BATCH_SECONDS,
+    DEFAULT_STAGING_BATCH_SIZE,
     DEFAULT_WAREHOUSE_URL,
 )
 from pipeline.join import DEFAULT_PERIOD_SECONDS
@@ -143,6 +145,31 @@ class BmsOptions(PipelineOptions):
             type=int,
             default=DEFAULT_BATCH_SIZE,
             help="rows per warehouse insert batch (default: %(default)s)",
+        )
+        add_flag(
+            parser,
+            "--write_batch_seconds",
+            type=float,
+            default=None,
+            help="keep rows across bundles until a batch is full or this many seconds passed "
+            "(default: 0, a batch ends with each bundle; "
+            f"{DEFAULT_STAGING_BATCH_SECONDS:g} with --staging)",
+        )
+        add_flag(
+            parser,
+            "--staging",
+            default=None,
+            help="load a Synapse dedicated pool through Parquet files and COPY INTO, for volume: "
+            "a blob container, https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX] (the "
+            "pool reads it with its managed identity) or blob:CONTAINER[/PREFIX] (with "
+            "AZURE_STORAGE_CONNECTION_STRING); see docs/synapse.md (default: insert rows)",
+        )
+        add_flag(
+            parser,
+            "--staging_batch_rows",
+            type=int,
+            default=DEFAULT_STAGING_BATCH_SIZE,
+            help="with --staging, rows per Parquet file and COPY INTO (default: %(default)s)",
         )
         add_flag(
             parser,

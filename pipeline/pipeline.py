@@ -182,6 +182,9 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
         FACTS,
         batch_size=options.write_batch_size,
         retry_deadline=options.write_retry_deadline,
+        batch_seconds=options.write_batch_seconds,
+        staging=options.staging,
+        staging_batch_size=options.staging_batch_rows,
     )
     written = (result[DEAD_LETTERS], unstorable) | "AllDeadLetters" >> beam.Flatten()
     written |= "WriteDeadLetters" >> WriteToWarehouse(
@@ -189,6 +192,8 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
         DEAD_LETTERS,
         batch_size=options.write_batch_size,
         retry_deadline=options.write_retry_deadline,
+        batch_seconds=options.write_batch_seconds,
+        staging=options.staging,
     )
     if checkpoints is not None:
         open_store = functools.partial(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 import subprocess
 import sys
@@ -290,3 +291,13 @@ def test_a_10000_seat_booking_is_compared_in_bounded_memory(tmp_path, report):
     peak = int(re.search(r"peak RSS (\d+) MB", result.stderr).group(1))
     report(f"bms parity --events, a 10,000-seat booking (30,020 rows): peak RSS {peak} MB")
     assert peak < 1500
+
+
+def test_parity_reports_as_json_for_scripts(tmp_path, capsys):
+    left, right = f"sqlite:///{tmp_path / 'l.db'}", f"sqlite:///{tmp_path / 'r.db'}"
+    write_rows(left, ROWS)
+    write_rows(right, ROWS[:-1])
+    assert main(["parity", left, right, "--output", "json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["equal"] is False and report["missing_from_right"] == 1
+    assert report["left"]["rows"] == len(ROWS) and report["right"]["rows"] == len(ROWS) - 1

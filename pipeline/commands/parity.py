@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from pipeline.io.warehouses import (
 )
 from pipeline.io.warehouses.base import describe_error
 from pipeline.parity import evaluator
-from pipeline.parity.compare import compare
+from pipeline.parity.compare import Comparison, compare
 from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate
 from pipeline.schema import (
     DEAD_LETTER_TABLE,
@@ -80,6 +81,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--query", type=Path, default=DEFAULT_QUERY, help="the ASA query file (with --events)"
+    )
+    parser.add_argument(
+        "--output",
+        choices=("text", "json"),
+        default="text",
+        help="the report: text (default) or json, for scripts and CI gates",
     )
     parser.set_defaults(func=run)
 
@@ -340,17 +347,44 @@ def _compare_with_events(args: argparse.Namespace, start, end) -> int:
     ]  # fmt: skip
     actual = _read_facts(args.warehouse, where, args.right_table, start, end) + unstored
     comparison = compare(expected, actual)
-    print(
-        comparison.report(
-            f"ASA query over {_shown_hub(args.hub)}", _shown(args.warehouse), show=args.show
-        )
-    )
-    if unstored:
-        print(f"of which in {DEAD_LETTER_TABLE} as unstorable fact rows: {len(unstored)}")
+    names = (f"ASA query over {_shown_hub(args.hub)}", _shown(args.warehouse))
     dropped = _positions(evaluation.dropped, start, end)
     dead = _positions([letter for letter in letters if not letter.is_fact_row], start, end)
+    equal = comparison.equal and dropped == dead
+    if args.output == "json":
+        print(
+            json.dumps(
+                {
+                    **_comparison_json(comparison, *names),
+                    "equal": equal,
+                    "unstorable_rows": len(unstored),
+                    "dead_letters": {
+                        "dropped_by_asa": sum(dropped.values()),
+                        "dead_lettered": sum(dead.values()),
+                        "equal": dropped == dead,
+                    },
+                },
+                indent=2,
+            )
+        )
+        return 0 if equal else 1
+    print(comparison.report(*names, show=args.show))
+    if unstored:
+        print(f"of which in {DEAD_LETTER_TABLE} as unstorable fact rows: {len(unstored)}")
     print(_dead_letter_report(dropped, dead, args.show))
-    return 0 if comparison.equal and dropped == dead else 1
+    return 0 if equal else 1
+
+
+def _comparison_json(comparison: Comparison, left: str, right: str) -> dict:
+    """A comparison as numbers (``--output json``), for scripts and CI gates."""
+    return {
+        "equal": comparison.equal,
+        "left": {"name": left, "rows": comparison.left_count},
+        "right": {"name": right, "rows": comparison.right_count},
+        "missing_from_right": sum(comparison.missing.values()),
+        "extra_in_right": sum(comparison.extra.values()),
+        "changed": len(comparison.mismatches),
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -370,5 +404,8 @@ def run(args: argparse.Namespace) -> int:
         f"{_shown(args.left)} {args.left_table}",
         f"{_shown(args.right)} {args.right_table}",
     )
-    print(comparison.report(*names, show=args.show))
+    if args.output == "json":
+        print(json.dumps(_comparison_json(comparison, *names), indent=2))
+    else:
+        print(comparison.report(*names, show=args.show))
     return 0 if comparison.equal else 1

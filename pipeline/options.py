@@ -9,11 +9,14 @@ variables ``BMS_HUB``, ``BMS_WAREHOUSE`` and ``BMS_CHECKPOINTS`` when set.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 
 import sqlalchemy as sa
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from pipeline import rules
+from pipeline.errors import UsageError
 from pipeline.event_time import (
     DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
     ENQUEUED,
@@ -60,29 +63,59 @@ def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
         parser.add_argument("--" + dest, dest=dest, help=argparse.SUPPRESS, **hidden)
 
 
+def add_hub_flag(parser: argparse.ArgumentParser, purpose: str = "") -> None:
+    """``--hub``, the same for every command: where the event hubs are."""
+    hub = env_default(HUB_ENV, DEFAULT_HUB_URL)
+    add_flag(
+        parser,
+        "--hub",
+        default=hub,
+        help=f"{purpose}where the event hubs are: a local hub file, or eventhubs://NAMESPACE "
+        f"(default: {shown(hub)}; env {HUB_ENV})",
+    )
+
+
+def add_warehouse_flag(parser: argparse.ArgumentParser, purpose: str = "") -> None:
+    """``--warehouse``, the same for every command."""
+    warehouse = env_default(WAREHOUSE_ENV, DEFAULT_WAREHOUSE_URL)
+    add_flag(
+        parser,
+        "--warehouse",
+        default=warehouse,
+        help=f"{purpose}the warehouse: sqlite:///FILE, postgresql+psycopg://..., "
+        f"mssql+pyodbc://SERVER/DB or an ODBC string (default: {shown(warehouse)}; "
+        f"env {WAREHOUSE_ENV})",
+    )
+
+
+def add_time_range_flags(parser: argparse.ArgumentParser) -> None:
+    """``--from``/``--to`` on booking_event_time, parsed with ``time_flag``."""
+    parser.add_argument(
+        "--from", dest="start", metavar="TIME", help="only rows with booking_event_time >= TIME"
+    )
+    parser.add_argument(
+        "--to", dest="end", metavar="TIME", help="only rows with booking_event_time < TIME"
+    )
+
+
+def time_flag(text: str | None, flag: str) -> dt.datetime | None:
+    """An ISO 8601 time given to ``flag`` (as TRY_CAST reads it: UTC without an offset)."""
+    if text is None:
+        return None
+    moment = rules.try_cast_datetime(text)
+    if moment is None:
+        raise UsageError(f"{flag} {text!r} is not an ISO 8601 time")
+    return moment
+
+
 class BmsOptions(PipelineOptions):
     """Where events come from, where rows go, and how the join windows."""
 
     @classmethod
     def _add_argparse_args(cls, parser):
-        hub = env_default(HUB_ENV, DEFAULT_HUB_URL)
-        warehouse = env_default(WAREHOUSE_ENV, DEFAULT_WAREHOUSE_URL)
         checkpoints = env_default(CHECKPOINTS_ENV, None)
-        add_flag(
-            parser,
-            "--hub",
-            default=hub,
-            help="where the event hubs are: a local hub file, or eventhubs://NAMESPACE "
-            f"(default: {shown(hub)}; env {HUB_ENV})",
-        )
-        add_flag(
-            parser,
-            "--warehouse",
-            default=warehouse,
-            help="where rows go: sqlite:///FILE, postgresql+psycopg://..., "
-            f"mssql+pyodbc://SERVER/DB or an ODBC string (default: {shown(warehouse)}; "
-            f"env {WAREHOUSE_ENV})",
-        )
+        add_hub_flag(parser)
+        add_warehouse_flag(parser, "where rows go: ")
         add_flag(
             parser,
             "--bounded",

@@ -94,7 +94,7 @@ def test_events_are_batched_per_partition_whatever_the_order_of_their_keys(servi
 def test_a_busy_service_is_waited_out_on_send(service):
     """ServerBusy as a link detach (the SDK raises ``ConnectError``) and as a rejected transfer
     (``EventDataSendError``): sent again after a backoff, every event accepted once."""
-    service.send_faults = [("detach", SERVER_BUSY), ("reject", SERVER_BUSY)] * 2
+    service.send_faults = [("detach", SERVER_BUSY)] * 3 + [("reject", SERVER_BUSY)] * 2
     sender = publisher()
     sender.send(HUB, orders(10, 4))
     sender.close()

@@ -31,8 +31,8 @@ from typing import NamedTuple
 import orjson
 
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io.hub import DEFAULT_HUB_URL, HubClient, open_hub
-from pipeline.options import HUB_ENV, add_flag, env_default, shown
+from pipeline.io.hub import HubClient, open_hub
+from pipeline.options import add_flag, add_hub_flag
 from pipeline.schema import HUBS, HubEvent, datetime_to_micros, micros_to_datetime
 
 READ_PAGE = 1000
@@ -96,15 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(events with no partition key are placed round robin by the hub instead). Bodies "
         "must be UTF-8 text; the file is written whole or not at all.",
     )
-    hub = env_default(HUB_ENV, DEFAULT_HUB_URL)
     for action in (ls, export):
-        add_flag(
-            action,
-            "--hub",
-            default=hub,
-            help="where the event hubs are: a local hub file, or eventhubs://NAMESPACE "
-            f"(default: {shown(hub)}; env {HUB_ENV})",
-        )
+        add_hub_flag(action)
     add_flag(ls, "--hub-name", metavar="NAME", help="only this event hub (default: all)")
     add_flag(
         export,

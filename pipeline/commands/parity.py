@@ -15,17 +15,16 @@ from urllib.parse import urlsplit, urlunsplit
 import duckdb
 import sqlalchemy as sa
 
-from pipeline import rules
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io.hub import DEFAULT_HUB_URL, open_hub
+from pipeline.io.hub import open_hub
 from pipeline.io.warehouses import (
-    DEFAULT_WAREHOUSE_URL,
     create_engine,
     read_dead_letters,
     read_facts,
     synapse,
 )
 from pipeline.io.warehouses.base import describe_error
+from pipeline.options import add_hub_flag, add_time_range_flags, add_warehouse_flag, time_flag
 from pipeline.parity import evaluator
 from pipeline.parity.compare import Comparison, compare
 from pipeline.parity.evaluator import DEFAULT_QUERY, UnsupportedConstruct, evaluate
@@ -60,12 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("right", nargs="?", metavar="RIGHT_URL", help="warehouse URL (actual)")
     parser.add_argument("--left-table", default=FACT_TABLE, help="default: %(default)s")
     parser.add_argument("--right-table", default=FACT_TABLE, help="default: %(default)s")
-    parser.add_argument(
-        "--from", dest="start", metavar="TIME", help="only rows with booking_event_time >= TIME"
-    )
-    parser.add_argument(
-        "--to", dest="end", metavar="TIME", help="only rows with booking_event_time < TIME"
-    )
+    add_time_range_flags(parser)
     parser.add_argument("--show", type=int, default=10, help="rows shown per kind of difference")
     parser.add_argument(
         "--events",
@@ -73,12 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="compare --warehouse (its facts and dead letters) with the ASA query evaluated "
         "over the events in --hub",
     )
-    parser.add_argument(
-        "--hub", default=DEFAULT_HUB_URL, help="with --events (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--warehouse", default=DEFAULT_WAREHOUSE_URL, help="with --events (default: %(default)s)"
-    )
+    add_hub_flag(parser, "with --events: ")
+    add_warehouse_flag(parser, "with --events: ")
     parser.add_argument(
         "--query", type=Path, default=DEFAULT_QUERY, help="the ASA query file (with --events)"
     )
@@ -89,15 +79,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the report: text (default) or json, for scripts and CI gates",
     )
     parser.set_defaults(func=run)
-
-
-def _time(text: str | None, flag: str) -> dt.datetime | None:
-    if text is None:
-        return None
-    moment = rules.try_cast_datetime(text)
-    if moment is None:
-        raise UsageError(f"{flag} {text!r} is not an ISO 8601 time")
-    return moment
 
 
 def _hub_events(url: str) -> Iterator[HubEvent]:
@@ -389,7 +370,7 @@ def _comparison_json(comparison: Comparison, left: str, right: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """0 equal, 1 a difference; raises UsageError (exit 2) or RuntimeFailure (exit 3)."""
-    start, end = _time(args.start, "--from"), _time(args.end, "--to")
+    start, end = time_flag(args.start, "--from"), time_flag(args.end, "--to")
     try:
         if args.events:
             return _compare_with_events(args, start, end)

@@ -15,10 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import rules
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io.warehouses import DEFAULT_WAREHOUSE_URL
-from pipeline.options import WAREHOUSE_ENV, add_flag, env_default, shown
+from pipeline.options import add_flag, add_time_range_flags, add_warehouse_flag, time_flag
 from pipeline.schema import FACT_TABLE
 
 _LOG = logging.getLogger(__name__)
@@ -29,7 +27,6 @@ FORMATS = ("table", "csv", "json")
 def register(subparsers: argparse._SubParsersAction) -> None:
     from pipeline.report.queries import DEFAULT_RECENT, QUERY_NAMES
 
-    warehouse = env_default(WAREHOUSE_ENV, DEFAULT_WAREHOUSE_URL)
     parser = subparsers.add_parser(
         "report",
         help="the original project's analytics over the warehouse: tables, CSV, JSON or a "
@@ -43,13 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "json; bms report --query categories --format csv; bms report --html report.html; "
         "bms report --html live.html --refresh 10",
     )
-    add_flag(
-        parser,
-        "--warehouse",
-        default=warehouse,
-        help="the warehouse: sqlite:///FILE, postgresql+psycopg://..., mssql+pyodbc://SERVER/DB "
-        f"or an ODBC string (default: {shown(warehouse)}; env {WAREHOUSE_ENV})",
-    )
+    add_warehouse_flag(parser)
     add_flag(
         parser,
         "--table",
@@ -57,12 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the fact table, NAME or SCHEMA.NAME (schema bookymyshow except on SQLite; "
         "default: %(default)s)",
     )
-    parser.add_argument(
-        "--from", dest="start", metavar="TIME", help="only rows with booking_event_time >= TIME"
-    )
-    parser.add_argument(
-        "--to", dest="end", metavar="TIME", help="only rows with booking_event_time < TIME"
-    )
+    add_time_range_flags(parser)
     add_flag(
         parser,
         "--query",
@@ -105,15 +91,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _time(text: str | None, flag: str):
-    if text is None:
-        return None
-    moment = rules.try_cast_datetime(text)
-    if moment is None:
-        raise UsageError(f"{flag} {text!r} is not an ISO 8601 time")
-    return moment
-
-
 def write_atomically(path: Path, text: str) -> None:
     """Replaces the file in one step: a browser reloading it never sees half a page."""
     folder = path.parent
@@ -134,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.report import html, render
     from pipeline.report.queries import QUERY_NAMES, run_report
 
-    start, end = _time(args.start, "--from"), _time(args.end, "--to")
+    start, end = time_flag(args.start, "--from"), time_flag(args.end, "--to")
     if start is not None and end is not None and end <= start:
         raise UsageError("--to must be after --from")
     if args.recent < 1:

@@ -18,15 +18,15 @@ import sqlalchemy as sa
 
 from pipeline.errors import RuntimeFailure, UsageError
 from pipeline.io.checkpoints import open_checkpoint_store
-from pipeline.io.hub import DEFAULT_HUB_URL, checkpoint_scope, missing_hub, open_hub
+from pipeline.io.hub import checkpoint_scope, missing_hub, open_hub
 from pipeline.io.lease import LeaseHeld, hold_lease
-from pipeline.io.warehouses import DEFAULT_WAREHOUSE_URL, masked_url, read_dead_letters, synapse
+from pipeline.io.warehouses import masked_url, read_dead_letters, synapse
 from pipeline.io.warehouses.sqldb import create_engine, warehouse_tables
 from pipeline.options import (
     CHECKPOINTS_ENV,
-    HUB_ENV,
-    WAREHOUSE_ENV,
     add_flag,
+    add_hub_flag,
+    add_warehouse_flag,
     env_default,
     shown,
 )
@@ -40,16 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Show what a running or stopped job has read, written and committed, where "
         "it would resume, the backlog per partition, and whether a job holds the checkpoints.",
     )
-    hub = env_default(HUB_ENV, DEFAULT_HUB_URL)
-    warehouse = env_default(WAREHOUSE_ENV, DEFAULT_WAREHOUSE_URL)
     checkpoints = env_default(CHECKPOINTS_ENV, None)
-    add_flag(parser, "--hub", default=hub, help=f"default: {shown(hub)}; env {HUB_ENV}")
-    add_flag(
-        parser,
-        "--warehouse",
-        default=warehouse,
-        help=f"default: {shown(warehouse)}; env {WAREHOUSE_ENV}",
-    )
+    add_hub_flag(parser)
+    add_warehouse_flag(parser)
     add_flag(
         parser,
         "--checkpoints",

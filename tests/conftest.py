@@ -17,6 +17,24 @@ settings.load_profile("ci" if os.environ.get("CI") else "dev")
 _MEASUREMENTS: list[str] = []
 
 
+#: The shared PostgreSQL test database that scripts/setup-services starts.
+POSTGRES_URL = os.environ.get(
+    "BMS_TEST_POSTGRES_URL", "postgresql+psycopg://bms:bms@127.0.0.1:5432/bms_test"
+)
+
+
+def postgres_or_skip():
+    """An engine on the shared PostgreSQL test database (see ``missing`` when it is down)."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(POSTGRES_URL)
+    try:
+        engine.connect().close()
+    except sa.exc.OperationalError as error:
+        missing(f"no PostgreSQL at {POSTGRES_URL} ({error.orig}); run scripts/setup-services")
+    return engine
+
+
 def missing(reason: str):
     """A service or tool the test needs is missing: a skip locally, a failure under CI, where a
     broken install step must never hide behind a skip."""

@@ -29,11 +29,8 @@ from pipeline.commands import report as report_command
 from pipeline.io.warehouses import write_rows
 from pipeline.report.queries import QUERIES, fact_table
 from pipeline.schema import FACT_SCHEMA
-from tests.conftest import missing
+from tests.conftest import POSTGRES_URL, missing, postgres_or_skip
 
-POSTGRES_URL = os.environ.get(
-    "BMS_TEST_POSTGRES_URL", "postgresql+psycopg://bms:bms@127.0.0.1:5432/bms_test"
-)
 ARTIFACTS = Path(os.environ.get("BMS_ARTIFACTS") or Path(__file__).parents[1] / ".bms/artifacts")
 START = dt.datetime(2026, 2, 2)  # a Monday
 
@@ -82,15 +79,6 @@ def fact_rows(orders: int = 120, seed: int = 7) -> list[tuple]:
 @pytest.fixture(scope="module")
 def rows() -> list[tuple]:
     return fact_rows()
-
-
-def postgres_or_skip() -> sa.Engine:
-    engine = sa.create_engine(POSTGRES_URL)
-    try:
-        engine.connect().close()
-    except sa.exc.OperationalError as error:
-        missing(f"no PostgreSQL at {POSTGRES_URL} ({error.orig}); run scripts/setup-services")
-    return engine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

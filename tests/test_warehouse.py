@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import os
 import threading
 import time
 import uuid
@@ -38,23 +37,11 @@ from pipeline.schema import (
     datetime_to_micros,
     decode_fact_row,
 )
-from tests.conftest import missing
+from tests.conftest import POSTGRES_URL, postgres_or_skip
 
-POSTGRES_URL = os.environ.get(
-    "BMS_TEST_POSTGRES_URL", "postgresql+psycopg://bms:bms@127.0.0.1:5432/bms_test"
-)
 NAME = FACT_COLUMN_NAMES.index("customer_name")
 PRICE = FACT_COLUMN_NAMES.index("seat_price")
 METHOD = FACT_COLUMN_NAMES.index("payment_method")
-
-
-def postgres_or_skip() -> sa.Engine:
-    engine = sa.create_engine(POSTGRES_URL)
-    try:
-        engine.connect().close()
-    except sa.exc.OperationalError as error:
-        missing(f"no PostgreSQL at {POSTGRES_URL} ({error.orig}); run scripts/setup-services")
-    return engine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -95,7 +95,7 @@ def open_publisher(args: argparse.Namespace) -> Publisher:
     if args.to == "eventhubs":
         from producers.eventhubs import EventHubsPublisher
 
-        return EventHubsPublisher.from_url(args.hub or "eventhubs://")
+        return EventHubsPublisher.from_url(args.hub or "eventhubs://", report=sys.stderr)
     from pipeline.io.localhub import LocalHub
 
     return LocalHubPublisher(LocalHub(args.hub or DEFAULT_HUB_URL))

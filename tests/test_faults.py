@@ -189,7 +189,8 @@ def prism_or_skip() -> None:
 
 class StreamingJob:
     """``bms run`` (unbounded, on Prism) in a session of its own, so that ``kill()`` takes the
-    whole job down at once, bms and its Prism child, as a crash of their machine would."""
+    whole job down at once, as a crash of its machine would: SIGKILL to the session, and Prism
+    (in a session of its own) dies with bms through its parent-death signal."""
 
     def __init__(self, log_path, *args: str):
         self.log_path = log_path

@@ -167,3 +167,15 @@ def test_the_run_summary_as_json_for_scripts(tmp_path, hub, capsys):
     assert summary["events_read"]["bookingtopic"] + summary["events_read"]["paymentstopic"] == 20
     assert summary["fact_rows"]["computed"] == summary["fact_rows"]["newly_written"]
     assert summary["warehouse"].startswith("sqlite:///")
+
+
+def test_an_event_hubs_namespace_that_does_not_resolve_is_one_line(tmp_path, monkeypatch, capsys):
+    # .invalid never resolves (RFC 6761): a DNS failure, as with a mistyped namespace.
+    monkeypatch.setenv(
+        "EVENTHUB_CONNECTION_STRING",
+        "Endpoint=sb://bms-test.invalid/;SharedAccessKeyName=k;SharedAccessKey=c2VjcmV0",
+    )
+    warehouse = f"sqlite:///{tmp_path / 'w.db'}"
+    assert main(["run", "--bounded", "--hub", "eventhubs://", "--warehouse", warehouse]) == 3
+    error = one_line(capsys)
+    assert "cannot read the hubs at bms-test.invalid" in error and "c2VjcmV0" not in error

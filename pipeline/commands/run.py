@@ -156,20 +156,25 @@ def run_pipeline(
 
 
 def _check_hub(url: str) -> None:
-    """A local hub must exist (a typo must not read an empty new one); an empty one is worth a
-    warning. Azure Event Hubs is checked by the reader itself."""
+    """The hubs must be there and readable: a local hub must exist (a typo must not read an
+    empty new one), Event Hubs must answer; an empty hub is worth a warning."""
     problem = missing_hub(url)
     if problem is not None:
         raise UsageError(problem)
-    if url.startswith("eventhubs://"):
-        return
-    with contextlib.closing(open_hub(url)) as client:
-        if all(
-            client.partition_properties(hub, partition).last_sequence_number < 0
-            for hub in HUBS
-            for partition in client.partition_ids(hub)
-        ):
-            _LOG.warning("hub %s holds no events yet", url)
+    try:
+        with contextlib.closing(open_hub(url)) as client:
+            empty = all(
+                client.partition_properties(hub, partition).last_sequence_number < 0
+                for hub in HUBS
+                for partition in client.partition_ids(hub)
+            )
+    except (ValueError, UsageError) as error:  # a URL or credentials that cannot work
+        raise UsageError(f"--hub {url}: {error}") from None
+    except Exception as error:  # unreachable (DNS, network, refused credentials)
+        where = checkpoint_scope(url).namespace if url.startswith("eventhubs://") else url
+        raise RuntimeFailure(f"cannot read the hubs at {where}: {describe_error(error)}") from None
+    if empty:
+        _LOG.warning("hub %s holds no events yet", url)
 
 
 def _check_checkpoints(location: str, hub_url: str) -> None:

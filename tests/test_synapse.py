@@ -742,10 +742,14 @@ def test_sql_authentication_from_environment_variables(pyodbc, monkeypatch):
     connection.close()
 
 
-def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, monkeypatch):
+@pytest.mark.parametrize("batch_seconds", [None, 30.0], ids=["per-bundle", "across-bundles"])
+def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(
+    pyodbc, monkeypatch, batch_seconds
+):
     """WriteToWarehouse picks this writer for an ODBC target; Beam runs it for real: each row key
     once (also on a rerun), rows no target can store and rows the server refuses become dead
-    letters, and the dead letters are written once per key too."""
+    letters, and the dead letters are written once per key too; with batches per bundle, and
+    kept across bundles in Beam state."""
     facts = FACTS._replace(name=f"facts_{uuid.uuid4().hex[:8]}")
     letters = DEAD_LETTERS._replace(name=f"dead_{uuid.uuid4().hex[:8]}")
     create_table(pyodbc, facts, "CHECK (seat_price < 80)")  # only the server knows this rule
@@ -766,13 +770,14 @@ def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(pyodbc, m
             refused = (
                 pipeline
                 | "Facts" >> beam.Create(rows)
-                | "WriteFacts" >> WriteToWarehouse(ODBC, batch_size=7)
+                | "WriteFacts" >> WriteToWarehouse(ODBC, batch_size=7, batch_seconds=batch_seconds)
             )
             events = pipeline | "Events" >> beam.Create([event, event])
             _ = (
                 (events, refused)
                 | beam.Flatten()
-                | "WriteLetters" >> WriteToWarehouse(ODBC, "dead_letters", batch_size=2)
+                | "WriteLetters"
+                >> WriteToWarehouse(ODBC, "dead_letters", batch_size=2, batch_seconds=batch_seconds)
             )
 
     try:

@@ -251,7 +251,7 @@ class _BatchAcrossBundlesFn(_WriteRowsFn):
         n = (count.read() or 0) + 1
         count.write(n)
         if n == 1:
-            end_at.set(window.max_timestamp())
+            end_at.set(window.end)
             due.write(self._clock() + self._batch_seconds)
         held = hold.read()
         if held is None or timestamp.micros < held:
@@ -260,36 +260,23 @@ class _BatchAcrossBundlesFn(_WriteRowsFn):
             hold.write(timestamp.micros)
             due_at.set(Timestamp.of(due.read()))
         if n >= self._batch_size:
-            yield from self._flush_kept(window, kept, count, hold, due, due_at)
+            yield from self._flush_kept(window, kept, count, hold, due)
 
     @on_timer(_DUE_TIMER)
-    def on_due(
-        self,
-        window=beam.DoFn.WindowParam,
-        kept=_KEPT,
-        count=_COUNT,
-        hold=_HOLD,
-        due=_DUE,
-        due_at=_DUE_AT,
-    ):
-        yield from self._flush_kept(window, kept, count, hold, due, due_at)
+    def on_due(self, window=beam.DoFn.WindowParam, kept=_KEPT, count=_COUNT, hold=_HOLD, due=_DUE):
+        yield from self._flush_kept(window, kept, count, hold, due)
 
     @on_timer(_END_TIMER)
-    def on_end(
-        self,
-        window=beam.DoFn.WindowParam,
-        kept=_KEPT,
-        count=_COUNT,
-        hold=_HOLD,
-        due=_DUE,
-        due_at=_DUE_AT,
-    ):
-        yield from self._flush_kept(window, kept, count, hold, due, due_at)
+    def on_end(self, window=beam.DoFn.WindowParam, kept=_KEPT, count=_COUNT, hold=_HOLD, due=_DUE):
+        yield from self._flush_kept(window, kept, count, hold, due)
 
     def finish_bundle(self):
         return None  # the batch stays in state: that is the point
 
-    def _flush_kept(self, window, kept, count, hold, due, due_at) -> Iterator[WindowedValue]:
+    def _flush_kept(self, window, kept, count, hold, due) -> Iterator[WindowedValue]:
+        # The due timer is left alone: the next batch's first row sets it again (replacing it),
+        # and if none comes it fires on an empty batch. Clearing a processing-time timer, in
+        # its own callback above all, makes Prism fire it again and again.
         batch = [
             WindowedValue(row, Timestamp(micros=micros), (window,)) for row, micros in kept.read()
         ]
@@ -297,7 +284,6 @@ class _BatchAcrossBundlesFn(_WriteRowsFn):
         count.clear()
         hold.clear()
         due.clear()
-        due_at.clear()
         if batch:
             yield from self._write(batch)
 
@@ -358,6 +344,9 @@ class WriteRows(beam.PTransform):
         )
         return (
             rows
-            | "ByBucket" >> beam.Map(lambda row: (bucket_of(key_of(row), buckets), row))
+            | "ByBucket"
+            >> beam.Map(lambda row: (bucket_of(key_of(row), buckets), row)).with_output_types(
+                beam.typehints.KV[int, beam.typehints.Any]  # a deterministic key coder
+            )
             | "BatchAndWrite" >> beam.ParDo(self._fn)
         )

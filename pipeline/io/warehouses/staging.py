@@ -112,6 +112,7 @@ def check_staging(location: str) -> StagingLocation:
     """``parse_staging``, and the connection string it needs present: when the job is built,
     not on a worker."""
     parsed = parse_staging(location)
+    _blob_module()  # the azure extra: missing, one line now rather than on a worker
     if parsed.account_url is None and not os.environ.get(STORAGE_CONNECTION_STRING_ENV):
         raise UsageError(
             f"--staging {location!r} needs {STORAGE_CONNECTION_STRING_ENV} set to the storage "

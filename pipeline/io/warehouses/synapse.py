@@ -113,7 +113,8 @@ INSTALL_HINT = (
     "install unixODBC (apt-get install unixodbc) and Microsoft ODBC Driver 18 for SQL Server "
     "(msodbcsql18, see https://learn.microsoft.com/sql/connect/odbc/linux-mac/"
     "installing-the-microsoft-odbc-driver-for-sql-server), "
-    "then pip install -e '.[synapse]' in the bms checkout"
+    "then pip install -e '.[synapse]' in the bms checkout; on Dataflow, run the workers on the "
+    "image of deploy/dataflow/worker.Dockerfile (--sdk_container_image)"
 )
 IDEMPOTENT_REMOVED = (
     "every write is idempotent now (each row key is inserted at most once): remove "

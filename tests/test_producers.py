@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline import rules
 from pipeline.cli import main
-from pipeline.io.localhub import LocalHub
+from pipeline.io.localhub import LocalHub, clock_ahead
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, datetime_to_micros
 from producers.events import EventGenerator, Shares
 from producers.publish import produce, random_run_id, simulated_span
@@ -235,7 +235,7 @@ def test_live_events_after_a_simulated_history_get_the_real_time(tmp_path):
     assert all(before <= e.enqueued_time <= after for e in live)  # stamped as they arrived
 
 
-def test_a_future_history_is_refused_unless_allowed_and_never_drags_live_events(tmp_path, capsys):
+def test_a_future_history_is_refused_unless_allowed(tmp_path, capsys):
     hub = tmp_path / "hub.db"
     soon = (dt.datetime.now(dt.UTC) + dt.timedelta(minutes=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
     args = ["produce", "--hub", str(hub), "--count", "2000", "--simulate", soon]
@@ -245,11 +245,7 @@ def test_a_future_history_is_refused_unless_allowed_and_never_drags_live_events(
     assert "--allow-future" in error
     assert all_events(hub, BOOKING_HUB) == []
     assert main([*args, "--allow-future"]) == 0
-    before = now_micros()
-    produce_into(hub, "--count", "20", "--rate", "500")
-    after = now_micros()
-    live = run_events(hub, 2)
-    assert len(live) == 20 and all(before <= e.enqueued_time <= after for e in live)
+    assert "ahead of now" in clock_ahead(str(hub))  # what bms run and bms hub ls then say
 
 
 def test_a_start_whose_history_ends_before_now_is_accepted(tmp_path):

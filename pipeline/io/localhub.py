@@ -7,14 +7,14 @@ from a sequence number.
 
 Time is honest, as in Event Hubs, where the service stamps each event with its own clock when it
 accepts it and no client can set an enqueued time. A live append (an event without an enqueued
-time) is stamped with the current time. Times do not go backwards within a partition: when the
-partition's last event is a little ahead of now (at most ``FUTURE_TOLERANCE_S``: clocks of
-processes on one machine, a simulated history that ended a moment ago), the live event gets that
-time instead. A partition further ahead than that (only a replay or a simulation given
-``--allow-future`` can put it there) does not drag live events into the future: they still get
-the current time, and that partition's times go backwards at that point. ``clock_ahead`` reports
-such a partition. An event with an explicit enqueued time (``bms replay``, ``bms produce
---simulate``) keeps it.
+time) is stamped with the current time. Enqueued times never go backwards within a partition,
+as in Event Hubs: the source's watermark (and so when join windows close and when read
+positions may be committed) relies on it, and an event behind it would be late. So an event
+whose time (the current time, or an explicit one from ``bms replay`` or ``bms produce
+--simulate``) lies before the partition's last event gets that last event's time instead. The
+only way to move a partition's clock ahead of now is an explicit future time, which ``bms
+replay`` and ``bms produce`` refuse unless ``--allow-future``; live events then share that
+future time until it comes, and ``clock_ahead`` (``bms run``, ``bms hub ls``) says so.
 
 SQLite in WAL mode lets producers append while the pipeline reads, from several processes at
 once: an append takes the write lock (``BEGIN IMMEDIATE``) for one batch, readers never block.
@@ -223,9 +223,9 @@ class LocalHub:
         """Appends events in one transaction, all or nothing; returns (partition, sequence
         number) of each.
 
-        An event without an enqueued time gets the current time, or the partition's last
-        enqueued time when that is later by at most ``FUTURE_TOLERANCE_S`` (see the module
-        docstring). A given enqueued time (a replay, a simulation) is kept as it is. Raises
+        An event gets its given enqueued time (a replay, a simulation) or the current time, but
+        never one before the partition's last event: times do not go backwards within a
+        partition (see the module docstring). Raises
         ``HubBusy``, with nothing appended, when another process holds the write lock for
         longer than ``busy_timeout``.
         """
@@ -237,7 +237,6 @@ class LocalHub:
             next_sequence: dict[str, int] = {}
             last_enqueued: dict[str, int] = {}
             now = _now_micros()
-            tolerance = int(FUTURE_TOLERANCE_S * 1_000_000)
             for event in events:
                 if event.partition_key is None:
                     index = self._round_robin % partitions
@@ -255,10 +254,8 @@ class LocalHub:
                     last_enqueued[partition] = last_time
                 sequence = next_sequence[partition]
                 next_sequence[partition] = sequence + 1
-                enqueued = event.enqueued_time
-                if enqueued is None:
-                    last = last_enqueued[partition]
-                    enqueued = last if now < last <= now + tolerance else now
+                enqueued = now if event.enqueued_time is None else event.enqueued_time
+                enqueued = max(enqueued, last_enqueued[partition])
                 last_enqueued[partition] = enqueued
                 rows.append((hub, partition, sequence, enqueued, event.partition_key, event.body))
                 placed.append((partition, sequence))

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from pipeline import rules
 from pipeline.commands import run as run_command
-from pipeline.io.hub import read_all
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs import read_all
+from pipeline.io.hubs.local import LocalHub
 from pipeline.parity.evaluator import evaluate
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB
 from producers.events import Shares

@@ -23,8 +23,8 @@ from pipeline.event_time import (
     PAYLOAD,
     POLICIES,
 )
-from pipeline.io.hub import DEFAULT_HUB_URL
-from pipeline.io.positions import StartPosition
+from pipeline.io.hubs import DEFAULT_HUB_URL
+from pipeline.io.hubs.positions import StartPosition
 from pipeline.io.warehouses import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_RETRY_DEADLINE_SECONDS,

@@ -19,10 +19,10 @@ from pipeline.event_time import (
     POLICIES,
     payload_event_time,
 )
-from pipeline.io.checkpoints import open_checkpoint_store
-from pipeline.io.hub import checkpoint_scope
-from pipeline.io.progress import CommitPositions
-from pipeline.io.source import EVENTS, POSITIONS, ReadFromHub
+from pipeline.io.hubs import checkpoint_scope
+from pipeline.io.hubs.checkpoints import open_checkpoint_store
+from pipeline.io.hubs.progress import CommitPositions
+from pipeline.io.hubs.source import EVENTS, POSITIONS, ReadFromHub
 from pipeline.io.warehouses import DEAD_LETTERS, FACTS, WriteToWarehouse
 from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments, window_size_micros
 from pipeline.options import BmsOptions

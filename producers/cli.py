@@ -7,8 +7,8 @@ import datetime as dt
 import sys
 
 from pipeline.errors import UsageError
-from pipeline.io.hub import DEFAULT_HUB_URL
-from pipeline.io.localhub import FUTURE_TOLERANCE_S, describe_duration
+from pipeline.io.hubs import DEFAULT_HUB_URL
+from pipeline.io.hubs.local import FUTURE_TOLERANCE_S, describe_duration
 from producers.eventhubs import PublishError
 from producers.events import Shares, isoformat_utc
 from producers.publish import (
@@ -96,7 +96,7 @@ def open_publisher(args: argparse.Namespace) -> Publisher:
         from producers.eventhubs import EventHubsPublisher
 
         return EventHubsPublisher.from_url(args.hub or "eventhubs://", report=sys.stderr)
-    from pipeline.io.localhub import LocalHub
+    from pipeline.io.hubs.local import LocalHub
 
     return LocalHubPublisher(LocalHub(args.hub or DEFAULT_HUB_URL))
 

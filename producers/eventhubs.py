@@ -34,8 +34,13 @@ from typing import Any, NamedTuple, TextIO
 
 from pipeline.errors import UsageError
 from pipeline.io.azure import import_extra, is_credential_error
-from pipeline.io.eventhubs import BUSY_BACKOFF, CREDENTIAL_HINT, EventHubsAddress, is_server_busy
-from pipeline.io.hub import OutgoingEvent
+from pipeline.io.hubs import OutgoingEvent
+from pipeline.io.hubs.eventhubs import (
+    BUSY_BACKOFF,
+    CREDENTIAL_HINT,
+    EventHubsAddress,
+    is_server_busy,
+)
 
 #: Makes a buffered ``EventHubProducerClient`` for a hub: ``factory(hub, on_success=, on_error=)``.
 ProducerFactory = Callable[..., Any]

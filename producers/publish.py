@@ -14,8 +14,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Protocol, TextIO
 
-from pipeline.io.hub import OutgoingEvent
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs import OutgoingEvent
+from pipeline.io.hubs.local import LocalHub
 from pipeline.schema import datetime_to_micros
 from producers.events import EventGenerator, ScheduledEvent, Shares
 

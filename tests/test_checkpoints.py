@@ -18,16 +18,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cli import main
-from pipeline.io.checkpoints import (
+from pipeline.io.hubs import OutgoingEvent, checkpoint_scope
+from pipeline.io.hubs.checkpoints import (
     BlobCheckpointStore,
     CheckpointScope,
     FileCheckpointStore,
     open_checkpoint_store,
     resume_positions,
 )
-from pipeline.io.hub import OutgoingEvent, checkpoint_scope
-from pipeline.io.localhub import LocalHub
-from pipeline.io.positions import StartPosition, first_sequence_number
+from pipeline.io.hubs.local import LocalHub
+from pipeline.io.hubs.positions import StartPosition, first_sequence_number
 from pipeline.schema import datetime_to_micros
 from tests.conftest import missing, produce_into
 
@@ -90,7 +90,7 @@ def test_a_failed_commit_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def crash(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr("pipeline.io.checkpoints.os.replace", crash)
+    monkeypatch.setattr("pipeline.io.hubs.checkpoints.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
         store.commit("bookingtopic", "0", 9)
     monkeypatch.undo()

@@ -70,14 +70,30 @@ def test_the_environment_chooses_hub_and_warehouse(tmp_path, monkeypatch):
     assert read_facts(warehouse)
 
 
-def test_an_unforeseen_failure_is_one_line_and_the_trace_comes_with_v(tmp_path, capsys):
+def test_a_hub_that_is_not_a_hub_is_named_in_one_line(tmp_path, capsys):
     not_a_hub = tmp_path / "hub.db"
     not_a_hub.write_text("this is not a database")
     warehouse = f"sqlite:///{tmp_path / 'w.db'}"
     assert main(["run", "--bounded", "--hub", str(not_a_hub), "--warehouse", warehouse]) == 3
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "Traceback" not in error and "-v" in error
-    assert main(["run", "-v", "--bounded", "--hub", str(not_a_hub), "--warehouse", warehouse]) == 3
+    assert f"cannot read the hubs at {not_a_hub}" in one_line(capsys)
+
+
+def test_an_unforeseen_failure_is_one_line_and_the_trace_comes_with_v(
+    tmp_path, capsys, monkeypatch
+):
+    hub = tmp_path / "hub.db"
+    produce_into(hub, "--count", "10", "--seed", "3", "--simulate", "2026-02-08T10:00:00Z")
+    capsys.readouterr()
+
+    def broken(*args, **kwargs):  # a bug nobody foresaw, deep inside a run
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr("pipeline.pipeline.build", broken)
+    run = ["run", "--bounded", "--hub", str(hub), "--warehouse", f"sqlite:///{tmp_path / 'w.db'}"]
+    assert main(run) == 3
+    error = one_line(capsys)
+    assert "ZeroDivisionError: division by zero" in error and "-v" in error
+    assert main([*run, "-v"]) == 3
     assert "Traceback" in capsys.readouterr().err
 
 

@@ -26,8 +26,13 @@ from azure.eventhub.exceptions import (  # noqa: E402
 )
 
 from pipeline.errors import UsageError  # noqa: E402
-from pipeline.io import eventhubs  # noqa: E402
-from pipeline.io.eventhubs import (  # noqa: E402
+from pipeline.io.hubs import (  # noqa: E402
+    OutgoingEvent,
+    PartitionProperties,
+    eventhubs,  # noqa: E402
+    open_hub,
+)
+from pipeline.io.hubs.eventhubs import (  # noqa: E402
     EventHubsAddress,
     EventHubsClient,
     HubReadError,
@@ -35,8 +40,7 @@ from pipeline.io.eventhubs import (  # noqa: E402
     to_hub_event,
     to_partition_properties,
 )
-from pipeline.io.hub import OutgoingEvent, PartitionProperties, open_hub  # noqa: E402
-from pipeline.io.source import ReadFromHub  # noqa: E402
+from pipeline.io.hubs.source import ReadFromHub  # noqa: E402
 from pipeline.schema import HubEvent, datetime_to_micros  # noqa: E402
 from producers.eventhubs import EventHubsPublisher  # noqa: E402
 
@@ -337,8 +341,8 @@ def test_missing_sdk_names_the_extra_to_install(monkeypatch):
 
 def test_importing_the_pipeline_does_not_need_azure_libraries():
     code = (
-        "import sys, pipeline.io.hub, pipeline.io.eventhubs, pipeline.io.checkpoints, "
-        "pipeline.io.positions, producers.eventhubs, pipeline.pipeline, pipeline.cli\n"
+        "import sys, pipeline.io.hubs, pipeline.io.hubs.eventhubs, pipeline.io.hubs.checkpoints, "
+        "pipeline.io.hubs.positions, producers.eventhubs, pipeline.pipeline, pipeline.cli\n"
         "loaded = [m for m in sys.modules if m.startswith(('azure.eventhub', 'pyodbc'))]\n"
         "assert not loaded, loaded"
     )

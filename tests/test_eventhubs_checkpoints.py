@@ -23,10 +23,10 @@ from azure.eventhub.extensions.checkpointstoreblob import (  # noqa: E402
     BlobCheckpointStore as SdkBlobStore,
 )
 
-from pipeline.io.checkpoints import BlobCheckpointStore, resume_positions  # noqa: E402
-from pipeline.io.hub import checkpoint_scope  # noqa: E402
-from pipeline.io.progress import CommitPositions  # noqa: E402
-from pipeline.io.source import POSITIONS, ReadFromHub  # noqa: E402
+from pipeline.io.hubs import checkpoint_scope  # noqa: E402
+from pipeline.io.hubs.checkpoints import BlobCheckpointStore, resume_positions  # noqa: E402
+from pipeline.io.hubs.progress import CommitPositions  # noqa: E402
+from pipeline.io.hubs.source import POSITIONS, ReadFromHub  # noqa: E402
 from tests.test_checkpoints import azurite, sdk_store_in_new_container  # noqa: E402, F401
 from tests.test_eventhubs_sdk import (  # noqa: E402
     CONNECTION_STRING,

@@ -18,7 +18,7 @@ from azure.eventhub._buffered_producer._partition_resolver import (  # noqa: E40
 from azure.eventhub._pyamqp.error import AuthenticationException, ErrorCondition  # noqa: E402
 
 from pipeline.errors import UsageError  # noqa: E402
-from pipeline.io.hub import OutgoingEvent  # noqa: E402
+from pipeline.io.hubs import OutgoingEvent  # noqa: E402
 from producers.eventhubs import EventHubsPublisher, PublishError, producer_client  # noqa: E402
 from tests.test_eventhubs_sdk import ADDRESS, HUB, SERVER_BUSY, FakeEventHubs, install  # noqa: E402
 

@@ -47,8 +47,8 @@ from azure.eventhub._pyamqp.error import (  # noqa: E402
 )
 from azure.eventhub._pyamqp.message import Message  # noqa: E402
 
-from pipeline.io import eventhubs  # noqa: E402
-from pipeline.io.eventhubs import (  # noqa: E402
+from pipeline.io.hubs import eventhubs  # noqa: E402
+from pipeline.io.hubs.eventhubs import (  # noqa: E402
     EventHubsAddress,
     EventHubsClient,
     consumer_client,
@@ -56,9 +56,9 @@ from pipeline.io.eventhubs import (  # noqa: E402
     is_server_busy,
     next_owner_level,
 )
-from pipeline.io.positions import StartPosition, first_sequence_number  # noqa: E402
-from pipeline.io.progress import PositionMark  # noqa: E402
-from pipeline.io.source import PartitionRange, _ReadPartitionFn, _ReadPartitionUnboundedFn  # noqa: E402
+from pipeline.io.hubs.positions import StartPosition, first_sequence_number  # noqa: E402
+from pipeline.io.hubs.progress import PositionMark  # noqa: E402
+from pipeline.io.hubs.source import PartitionRange, _ReadPartitionFn, _ReadPartitionUnboundedFn  # noqa: E402
 
 NAMESPACE = "fake.servicebus.windows.net"
 CONNECTION_STRING = f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName=k;SharedAccessKey=s"

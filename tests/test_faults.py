@@ -27,9 +27,9 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import runners
-from pipeline.io.checkpoints import FileCheckpointStore
-from pipeline.io.hub import OutgoingEvent, checkpoint_scope
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs import OutgoingEvent, checkpoint_scope
+from pipeline.io.hubs.checkpoints import FileCheckpointStore
+from pipeline.io.hubs.local import LocalHub
 from pipeline.io.warehouses import create_engine, read_dead_letters
 from pipeline.io.warehouses.sqldb import create_tables
 from pipeline.schema import (

@@ -14,8 +14,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.commands import hub as hub_command
-from pipeline.io.hub import OutgoingEvent, PartitionProperties
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs import OutgoingEvent, PartitionProperties
+from pipeline.io.hubs.local import LocalHub
 from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB, HubEvent, datetime_to_micros
 from tests.conftest import booking_body, payment_body
 
@@ -43,7 +43,7 @@ def hub_contents(path) -> dict[str, list[tuple]]:
 
 def awkward_events() -> dict[str, list[OutgoingEvent]]:
     """Bookings and payments with what a byte-for-byte copy can get wrong: microsecond times,
-    ties across partitions, times clamped to their partition's latest, unicode (also beyond the BMP),
+    ties across partitions, times clamped to their partition's latest, unicode (beyond the BMP too),
     escapes, a NUL, bodies that are not JSON or are JSON with odd spacing, an empty body, keys
     with spaces and quotes, and more than one read page (hub export reads 1000 at a time)."""
     bookings, payments = [], []

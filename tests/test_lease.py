@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.io.checkpoints import CheckpointScope
-from pipeline.io.lease import LeaseHeld, LeaseLost, LeaseOwner, _blob_module, hold_lease
+from pipeline.io.hubs.checkpoints import CheckpointScope
+from pipeline.io.hubs.lease import LeaseHeld, LeaseLost, LeaseOwner, _blob_module, hold_lease
 from tests.test_checkpoints import AZURITE, azurite  # noqa: F401  (the Azurite fixture, reused)
 
 SCOPE = CheckpointScope("local", "$Default")
@@ -26,8 +26,8 @@ ROOT = Path(__file__).parent.parent
 # A job that takes the lease, says so, and runs until it is killed.
 CHILD = """
 import sys, time
-from pipeline.io.checkpoints import CheckpointScope
-from pipeline.io.lease import hold_lease
+from pipeline.io.hubs.checkpoints import CheckpointScope
+from pipeline.io.hubs.lease import hold_lease
 location, namespace, group, duration = sys.argv[1:]
 with hold_lease(location, CheckpointScope(namespace, group), lease_duration=int(duration)):
     print("held", flush=True)

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from pipeline.errors import RuntimeFailure
-from pipeline.io.hub import OutgoingEvent, open_hub, read_all
-from pipeline.io.localhub import (
+from pipeline.io.hubs import OutgoingEvent, open_hub, read_all
+from pipeline.io.hubs.local import (
     FUTURE_TOLERANCE_S,
     HubBusy,
     LocalHub,

@@ -14,8 +14,8 @@ import sqlalchemy as sa
 
 from pipeline.cli import main
 from pipeline.commands import parity as parity_command
-from pipeline.io.hub import OutgoingEvent
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs import OutgoingEvent
+from pipeline.io.hubs.local import LocalHub
 from pipeline.io.warehouses import write_rows
 from pipeline.parity.compare import compare
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, PAYMENT_HUB, datetime_to_micros

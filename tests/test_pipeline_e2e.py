@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from pipeline import rules
 from pipeline.cli import main
 from pipeline.event_time import payload_event_time
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs.local import LocalHub
 from pipeline.io.warehouses import read_dead_letters, read_facts
 from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB, micros_to_datetime
 from tests.conftest import booking_document, payment_document, produce_into
@@ -213,12 +213,12 @@ def test_replayed_edge_cases_join_by_enqueued_time(tmp_path):
             "2026-02-08T10:00:01Z", "o4", '{"order_id": "o4", "event_details": {"seats": 3}}'
         ),
     ]
-    payments = [
-        replay_line("2026-02-08T10:02:00Z", "o1", payment("o1", "at-120s")),
-        replay_line("2026-02-08T10:02:00.000001Z", "o2", payment("o2", "past-120s")),
+    payments = [  # in time order, as a hub holds them (times never go back in a partition)
         replay_line("2026-02-08T09:59:59.999Z", "o3", payment("o3", "1ms-early")),
         replay_line("2026-02-08T10:00:30Z", None, payment(None, "no-order")),
         replay_line("2026-02-08T10:00:30Z", "o1", "not json at all"),
+        replay_line("2026-02-08T10:02:00Z", "o1", payment("o1", "at-120s")),
+        replay_line("2026-02-08T10:02:00.000001Z", "o2", payment("o2", "past-120s")),
     ]
     for name, lines in ((BOOKING_HUB, bookings), (PAYMENT_HUB, payments)):
         path = tmp_path / f"{name}.jsonl"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from pipeline import rules
 from pipeline.cli import main
-from pipeline.io.localhub import LocalHub, clock_ahead
+from pipeline.io.hubs.local import LocalHub, clock_ahead
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, datetime_to_micros
 from producers.events import EventGenerator, Shares
 from producers.publish import produce, random_run_id, simulated_span

@@ -25,10 +25,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pipeline.cli import main
-from pipeline.io.checkpoints import CheckpointScope, FileCheckpointStore
-from pipeline.io.hub import checkpoint_scope, read_all
-from pipeline.io.localhub import LocalHub
-from pipeline.io.progress import CommitPositions, PositionMark, committable
+from pipeline.io.hubs import checkpoint_scope, read_all
+from pipeline.io.hubs.checkpoints import CheckpointScope, FileCheckpointStore
+from pipeline.io.hubs.local import LocalHub
+from pipeline.io.hubs.progress import CommitPositions, PositionMark, committable
 from pipeline.io.warehouses import read_facts
 from pipeline.parity.evaluator import evaluate
 from tests.conftest import produce_into

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from pipeline.cli import main
-from pipeline.io.hub import OutgoingEvent, read_all
-from pipeline.io.localhub import LocalHub, clock_ahead
+from pipeline.io.hubs import OutgoingEvent, read_all
+from pipeline.io.hubs.local import LocalHub, clock_ahead
 from pipeline.io.warehouses import read_dead_letters, read_facts
 from pipeline.parity.evaluator import evaluate
 from pipeline.schema import BOOKING_HUB, HUBS, PAYMENT_HUB, datetime_to_micros

@@ -24,11 +24,10 @@ from apache_beam.runners.sdf_utils import RestrictionTrackerView, ThreadsafeRest
 from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
-from pipeline.io import progress, source
-from pipeline.io.hub import OutgoingEvent
-from pipeline.io.localhub import LocalHub
-from pipeline.io.progress import PositionMark
-from pipeline.io.source import (
+from pipeline.io.hubs import OutgoingEvent, progress, source
+from pipeline.io.hubs.local import LocalHub
+from pipeline.io.hubs.progress import PositionMark
+from pipeline.io.hubs.source import (
     PartitionRange,
     ReadFromHub,
     _ReadPartitionFn,

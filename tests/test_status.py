@@ -17,9 +17,9 @@ import urllib.request
 
 from pipeline import metrics
 from pipeline.commands.run import counters, parse_run_args, pipeline_options, run_pipeline
-from pipeline.io.hub import checkpoint_scope
-from pipeline.io.lease import hold_lease
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs import checkpoint_scope
+from pipeline.io.hubs.lease import hold_lease
+from pipeline.io.hubs.local import LocalHub
 from pipeline.status import StatusLine
 from tests.conftest import produce_into
 

@@ -20,9 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 from pipeline import runners
-from pipeline.io.checkpoints import FileCheckpointStore
-from pipeline.io.hub import checkpoint_scope, read_all
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs import checkpoint_scope, read_all
+from pipeline.io.hubs.checkpoints import FileCheckpointStore
+from pipeline.io.hubs.local import LocalHub
 from pipeline.io.warehouses import read_facts
 from pipeline.parity.evaluator import evaluate
 from pipeline.schema import FACT_COLUMN_NAMES, HUBS, datetime_to_micros

@@ -17,7 +17,7 @@ from apache_beam.transforms.periodicsequence import PeriodicImpulse
 from apache_beam.transforms.window import TimestampedValue
 
 from pipeline import runners
-from pipeline.io.progress import CommitPositions, PositionMark
+from pipeline.io.hubs.progress import CommitPositions, PositionMark
 from pipeline.io.warehouses.sink import WriteRows, bucket_of
 from pipeline.schema import fact_row_key
 from tests.conftest import missing

@@ -19,7 +19,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline.io import progress
+from pipeline.io.hubs import progress
 from pipeline.io.warehouses import (
     WriteToWarehouse,
     create_engine,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.commands import run as run_command
 from pipeline.errors import UsageError
-from pipeline.io.localhub import LocalHub
+from pipeline.io.hubs.local import LocalHub
 from producers.events import Shares
 from producers.publish import LocalHubPublisher, produce
 

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import orjson
 
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io.hub import HubClient, open_hub
+from pipeline.io.hubs import HubClient, open_hub
 from pipeline.options import add_flag, add_hub_flag
 from pipeline.schema import HUBS, HubEvent, datetime_to_micros, micros_to_datetime
 
@@ -137,7 +137,7 @@ def open_existing_hub(url: str) -> HubClient:
 def hub_names(client: HubClient, url: str, only: str | None = None) -> list[str]:
     """The event hubs to look at: those of a local hub file (all, or ``only``, which must be
     there), or for Event Hubs ``only`` or the pipeline's two."""
-    from pipeline.io.localhub import LocalHub
+    from pipeline.io.hubs.local import LocalHub
 
     if isinstance(client, LocalHub):
         names = client.hubs()
@@ -166,7 +166,7 @@ def list_partitions(
     client: HubClient, names: list[str], now_micros: int | None = None
 ) -> list[PartitionInfo]:
     """Per partition of each hub: what ``bms hub ls`` shows."""
-    from pipeline.io.localhub import FUTURE_TOLERANCE_S, LocalHub
+    from pipeline.io.hubs.local import FUTURE_TOLERANCE_S, LocalHub
 
     now = datetime_to_micros(dt.datetime.now(dt.UTC)) if now_micros is None else now_micros
     latest = client.latest_enqueued_times() if isinstance(client, LocalHub) else {}
@@ -211,7 +211,7 @@ def run_ls(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from pipeline.io.localhub import describe_duration
+    from pipeline.io.hubs.local import describe_duration
 
     with contextlib.closing(open_existing_hub(args.hub)) as client:
         names = hub_names(client, args.hub, args.hub_name)

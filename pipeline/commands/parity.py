@@ -16,7 +16,7 @@ import duckdb
 import sqlalchemy as sa
 
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io.hub import open_hub
+from pipeline.io.hubs import open_hub
 from pipeline.io.warehouses import (
     create_engine,
     read_dead_letters,

@@ -3,7 +3,7 @@
 A file goes in whole or not at all: every line is checked first, then every event is appended
 in one transaction of the local hub. Events enqueued in the future are refused unless
 ``--allow-future``: the hub stamps live events with the real time, and a partition holding
-future events makes a streaming job wait for them (see ``pipeline.io.localhub``).
+future events makes a streaming job wait for them (see ``pipeline.io.hubs.local``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import orjson
 
 from pipeline import rules
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io.hub import DEFAULT_HUB_URL, OutgoingEvent
-from pipeline.io.localhub import (
+from pipeline.io.hubs import DEFAULT_HUB_URL, OutgoingEvent
+from pipeline.io.hubs.local import (
     DEFAULT_BUSY_TIMEOUT_S,
     FUTURE_TOLERANCE_S,
     HubBusy,

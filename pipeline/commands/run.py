@@ -24,12 +24,11 @@ from apache_beam.options.pipeline_options import (
 from pipeline import metrics, runners
 from pipeline import pipeline as bms_pipeline
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io import progress
-from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
-from pipeline.io.hub import checkpoint_scope, missing_hub, open_hub
-from pipeline.io.lease import LeaseHeld, hold_lease
-from pipeline.io.localhub import clock_ahead
-from pipeline.io.positions import first_sequence_number
+from pipeline.io.hubs import checkpoint_scope, missing_hub, open_hub, progress
+from pipeline.io.hubs.checkpoints import open_checkpoint_store, resume_positions
+from pipeline.io.hubs.lease import LeaseHeld, hold_lease
+from pipeline.io.hubs.local import clock_ahead
+from pipeline.io.hubs.positions import first_sequence_number
 from pipeline.io.warehouses import DEAD_LETTERS, FACTS, masked_url, open_writer, synapse
 from pipeline.io.warehouses.base import WarehouseError, describe_error
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
@@ -70,7 +69,18 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
     terminal needs it (``pipeline.prism``: Ctrl-C reaches bms alone, which drains the job).
     """
     ours = {name: getattr(args, name) for name in _our_option_names()}
-    runner = PipelineOptions(args.beam_args).view_as(StandardOptions).runner
+    beam_options = PipelineOptions(args.beam_args)
+    runner = beam_options.view_as(StandardOptions).runner
+    if (
+        runner is not None
+        and "Dataflow" in runner
+        and synapse.is_odbc_target(args.warehouse)
+        and not beam_options.get_all_options()["sdk_container_image"]
+    ):
+        raise UsageError(
+            "a Synapse warehouse on Dataflow needs workers with Microsoft's ODBC driver: build "
+            "deploy/dataflow/worker.Dockerfile and pass --sdk_container_image=IMAGE"
+        )
     defaults: dict = {}
     if args.bounded:
         if runner is None:
@@ -115,7 +125,7 @@ def run_pipeline(
     """Builds and runs the job, waiting for it to finish.
 
     An unbounded job whose workers run in this process (``--environment_type=LOOPBACK``, the
-    local default) drains on Ctrl-C (see ``pipeline.io.progress``): reading stops, open windows
+    local default) drains on Ctrl-C (see ``pipeline.io.hubs.progress``): reading stops, open windows
     fire, rows are written and positions committed, then the job ends; a second Ctrl-C cancels
     it at once. Any other job is cancelled by Ctrl-C.
     """

@@ -17,9 +17,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from pipeline.errors import RuntimeFailure, UsageError
-from pipeline.io.checkpoints import open_checkpoint_store
-from pipeline.io.hub import checkpoint_scope, missing_hub, open_hub
-from pipeline.io.lease import LeaseHeld, hold_lease
+from pipeline.io.hubs import checkpoint_scope, missing_hub, open_hub
+from pipeline.io.hubs.checkpoints import open_checkpoint_store
+from pipeline.io.hubs.lease import LeaseHeld, hold_lease
 from pipeline.io.warehouses import masked_url, read_dead_letters, synapse
 from pipeline.io.warehouses.sqldb import create_engine, warehouse_tables
 from pipeline.options import (

@@ -106,7 +106,7 @@ class WriteToWarehouse(beam.PTransform):
 
     Returns the ``DeadLetter``s of the fact rows the warehouse cannot store (empty for
     ``dead_letters``); its watermark passes a time only once the rows up to it are written
-    (``pipeline.io.progress.CommitPositions`` waits on it).
+    (``pipeline.io.hubs.progress.CommitPositions`` waits on it).
     """
 
     def __init__(

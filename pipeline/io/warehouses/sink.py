@@ -10,7 +10,7 @@ For each bundle the sink
      statement), so a replayed or retried batch adds nothing twice;
   3. retries transient failures with exponential backoff and jitter (tenacity) for up to
      ``retry_deadline`` seconds, pausing the reading of the hubs meanwhile
-     (``pipeline.io.progress.pause_reading``); past the deadline it raises
+     (``pipeline.io.hubs.progress.pause_reading``); past the deadline it raises
      ``WarehouseUnavailable``, which fails the bundle and so the job, with nothing committed
      past the unwritten rows;
   4. halves a batch the database refuses for its data until the refused rows are alone, so a
@@ -20,7 +20,7 @@ For each bundle the sink
 Its output is the dead letters of the fact rows it could not store (none for the dead-letter
 table), in the rows' own windows; the job writes them with the other dead letters. Nothing else
 is emitted, and the output's watermark passes a time only when the rows up to it are written,
-which is what ``pipeline.io.progress.CommitPositions`` waits for.
+which is what ``pipeline.io.hubs.progress.CommitPositions`` waits for.
 
 Batches end with each bundle by default. With ``batch_seconds`` > 0 they span bundles: rows are
 kept in Beam state (so a worker that dies loses nothing: the runner replays them) under a key,
@@ -56,7 +56,7 @@ from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from pipeline import metrics
-from pipeline.io import progress
+from pipeline.io.hubs import progress
 from pipeline.io.warehouses.base import (
     DEAD_LETTERS,
     FACTS,

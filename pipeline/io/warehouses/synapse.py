@@ -45,8 +45,8 @@ hash-distributed tables, no ``OUTPUT``, and MERGE had a history of wrong-distrib
 A dedicated pool enforces no unique index and reads uncommitted data, so the move is not a lock:
 two writers moving the same new key at the very same moment could both insert it. Within a job
 a key is only ever moved by one writer at a time (the sink's keyed batching, or a retry after
-the attempt it repeats), and the checkpoint lease (``pipeline.io.lease``) keeps two jobs off one
-set of checkpoints, so only jobs sharing a table but not their checkpoints could race: for them
+the attempt it repeats), and the checkpoint lease (``pipeline.io.hubs.lease``) keeps two jobs off
+one set of checkpoints, so only jobs sharing a table but not their checkpoints could race: for them
 ``sql/synapse_dedupe.sql`` has a view and a compaction. On Azure SQL Database and SQL Server the
 table has a real unique index on ``row_key`` (checked when the writer starts), created with
 ``IGNORE_DUP_KEY = ON`` so that a race is a skipped row, not an error; made without it, the

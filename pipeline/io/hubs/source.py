@@ -8,7 +8,7 @@ split (Flink) still get regular checkpoints. A runner may also split the open ra
 (``try_split(0.5)`` leaves ``[start, about 2**62)``): whether a read is open-ended is the
 element's (``PartitionRange.stop is None``), never the restriction's, so every piece of an open
 range keeps polling when caught up and ends only on a drain. While the warehouse is unavailable
-(``pipeline.io.progress.pause_reading``) partitions read nothing and hold their watermarks.
+(``pipeline.io.hubs.progress.pause_reading``) partitions read nothing and hold their watermarks.
 
 Every event is emitted with its enqueued time as the Beam timestamp (ASA's System.Timestamp
 without TIMESTAMP BY) and a manual watermark estimator per partition follows the enqueued times
@@ -36,10 +36,10 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
 from pipeline import metrics
-from pipeline.io.checkpoints import open_checkpoint_store, resume_positions
-from pipeline.io.hub import checkpoint_scope, open_hub
-from pipeline.io.positions import StartPosition, first_sequence_number
-from pipeline.io.progress import PositionMark, drain_requested, reading_paused
+from pipeline.io.hubs import checkpoint_scope, open_hub
+from pipeline.io.hubs.checkpoints import open_checkpoint_store, resume_positions
+from pipeline.io.hubs.positions import StartPosition, first_sequence_number
+from pipeline.io.hubs.progress import PositionMark, drain_requested, reading_paused
 from pipeline.schema import HubEvent
 
 _OPEN_END = sys.maxsize
@@ -170,7 +170,7 @@ class _ReadPartitionFn(beam.DoFn):
             return
         if reading_paused():
             # The warehouse is unavailable: read nothing, and hold the watermark, until its
-            # writer resumes reading or gives up and fails the job (pipeline.io.progress).
+            # writer resumes reading or gives up and fails the job (pipeline.io.hubs.progress).
             self._retry_later(tracker, open_ended)
             return
         last = None
@@ -347,7 +347,7 @@ class _ReadPartitionUnboundedFn(_ReadPartitionFn):
 
 def _offset(event: HubEvent) -> str:
     """The hub's offset of an event, carried from the event to the commit: Event Hubs gives one
-    (``pipeline.io.eventhubs.ReceivedEvent``); for a hub without offsets (the local hub) the
+    (``pipeline.io.hubs.eventhubs.ReceivedEvent``); for a hub without offsets (the local hub) the
     sequence number, as text, stands in for it."""
     offset = getattr(event, "offset", None)
     return str(event.sequence_number) if offset is None else offset
@@ -391,14 +391,14 @@ class ReadFromHub(beam.PTransform):
     """Reads every partition of one hub as timestamped ``HubEvent``s.
 
     Args:
-      hub_url: where the hubs are (see ``pipeline.io.hub``).
+      hub_url: where the hubs are (see ``pipeline.io.hubs``).
       hub: the hub (event hub) name, e.g. ``bookingtopic``.
       bounded: read what is there at job start and stop, instead of reading forever.
       start: where to start in each partition (default: the earliest retained event).
-      checkpoints: a checkpoint store location (``pipeline.io.checkpoints``): partitions with a
+      checkpoints: a checkpoint store location (``pipeline.io.hubs.checkpoints``): partitions with a
         checkpoint resume after it, whatever ``start`` says.
       with_positions: also return the ``PositionMark``s of what was read, to commit with
-        ``pipeline.io.progress.CommitPositions``: the result is then
+        ``pipeline.io.hubs.progress.CommitPositions``: the result is then
         ``{"events": ..., "positions": ...}``.
       batch_size: events fetched per read call.
       poll_interval: seconds to wait before polling a caught-up partition again (unbounded).

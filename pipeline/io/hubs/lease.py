@@ -49,7 +49,7 @@ from types import ModuleType
 from typing import Any, NamedTuple, Protocol
 
 from pipeline.io.azure import default_credential, import_extra
-from pipeline.io.checkpoints import STORAGE_CONNECTION_STRING_ENV, CheckpointScope, _safe_name
+from pipeline.io.hubs.checkpoints import STORAGE_CONNECTION_STRING_ENV, CheckpointScope, _safe_name
 
 __all__ = ["Lease", "LeaseHeld", "LeaseLost", "LeaseOwner", "hold_lease"]
 

@@ -1,7 +1,7 @@
 """Committing read positions only once the rows they lead to are written; draining; pausing.
 
-The source (``pipeline.io.source``) emits a ``PositionMark`` for the last event of each read call,
-one whenever a caught-up partition's watermark enters a new 10 s, and a final mark when a
+The source (``pipeline.io.hubs.source``) emits a ``PositionMark`` for the last event of each read
+call, one whenever a caught-up partition's watermark enters a new 10 s, and a final mark when a
 partition stops reading (the end of a bounded range, or a drain).
 ``CommitPositions`` commits a mark at time ``t`` to the checkpoint store only when nothing that
 could still change the output depends on the events up to it:
@@ -58,7 +58,7 @@ from apache_beam.transforms.userstate import (
 from apache_beam.utils.timestamp import Timestamp
 
 from pipeline import metrics, rules
-from pipeline.io.checkpoints import CheckpointStore
+from pipeline.io.hubs.checkpoints import CheckpointStore
 
 _DRAIN = threading.Event()
 

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline.errors import RuntimeFailure
-from pipeline.io.hub import DEFAULT_HUB_URL, OutgoingEvent, PartitionProperties
+from pipeline.io.hubs.base import DEFAULT_HUB_URL, OutgoingEvent, PartitionProperties
 from pipeline.schema import HubEvent
 
 DEFAULT_PARTITIONS = 4
@@ -83,7 +83,7 @@ def _now_micros() -> int:
 
 
 class LocalHub:
-    """The hubs stored in one local file; implements ``pipeline.io.hub.HubClient``.
+    """The hubs stored in one local file; implements ``pipeline.io.hubs.HubClient``.
 
     Args:
       path: the SQLite file (created with its parent folders if missing).

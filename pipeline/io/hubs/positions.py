@@ -15,7 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import NamedTuple
 
-from pipeline.io.hub import HubClient
+from pipeline.io.hubs.base import HubClient
 from pipeline.schema import datetime_to_micros
 
 EARLIEST = "earliest"

@@ -73,7 +73,7 @@ from pipeline.io.azure import (
     import_extra,
     is_credential_error,
 )
-from pipeline.io.hub import PartitionProperties
+from pipeline.io.hubs.base import PartitionProperties
 from pipeline.schema import HubEvent, datetime_to_micros
 
 CONNECTION_STRING_ENV = "EVENTHUB_CONNECTION_STRING"

@@ -7,6 +7,7 @@ The Azure libraries are optional extras, so nothing here imports them at module 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
@@ -47,3 +48,19 @@ def connection_string_settings(connection_string: str) -> dict[str, str]:
         if sep:
             settings[key.strip().lower()] = value.strip()
     return settings
+
+
+#: The storage account of ``blob:CONTAINER`` locations (checkpoints, their lease, staging).
+STORAGE_CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
+
+
+def storage_connection_string(location: str, what: str = "checkpoints") -> str:
+    """The connection string a ``blob:CONTAINER`` location needs, or one ValueError line."""
+    connection_string = os.environ.get(STORAGE_CONNECTION_STRING_ENV)
+    if not connection_string:
+        raise ValueError(
+            f"{what} {location!r} need {STORAGE_CONNECTION_STRING_ENV} set to the storage "
+            "account's connection string, or give the container's https:// URL to sign in "
+            "with DefaultAzureCredential"
+        )
+    return connection_string

@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 from urllib.parse import quote
 
-from pipeline.io.azure import default_credential, import_extra
+from pipeline.io.azure import (
+    default_credential,
+    import_extra,
+    storage_connection_string,
+)
 
-STORAGE_CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 _LOG = logging.getLogger(__name__)
 
 
@@ -208,12 +211,6 @@ def open_checkpoint_store(location: str, scope: CheckpointScope) -> CheckpointSt
     if location.startswith("https://"):
         return BlobCheckpointStore(scope, location)
     if location.startswith("blob:"):
-        connection_string = os.environ.get(STORAGE_CONNECTION_STRING_ENV)
-        if not connection_string:
-            raise ValueError(
-                f"checkpoints {location!r} need {STORAGE_CONNECTION_STRING_ENV} set to the storage "
-                "account's connection string, or give the container's https:// URL to sign in "
-                "with DefaultAzureCredential"
-            )
+        connection_string = storage_connection_string(location)
         return BlobCheckpointStore(scope, location.removeprefix("blob:"), connection_string)
     return FileCheckpointStore(location, scope)

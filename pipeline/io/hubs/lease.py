@@ -48,8 +48,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple, Protocol
 
-from pipeline.io.azure import default_credential, import_extra
-from pipeline.io.hubs.checkpoints import STORAGE_CONNECTION_STRING_ENV, CheckpointScope, _safe_name
+from pipeline.io.azure import default_credential, import_extra, storage_connection_string
+from pipeline.io.hubs.checkpoints import CheckpointScope, _safe_name
 
 __all__ = ["Lease", "LeaseHeld", "LeaseLost", "LeaseOwner", "hold_lease"]
 
@@ -219,13 +219,7 @@ def _backend(
         )
         return _BlobLease(client, scope, lease_duration, renew_interval)
     if location.startswith("blob:"):
-        connection_string = os.environ.get(STORAGE_CONNECTION_STRING_ENV)
-        if not connection_string:
-            raise ValueError(
-                f"checkpoints {location!r} need {STORAGE_CONNECTION_STRING_ENV} set to the storage "
-                "account's connection string, or give the container's https:// URL to sign in "
-                "with DefaultAzureCredential"
-            )
+        connection_string = storage_connection_string(location)
         blob = _blob_module()
         client = blob.ContainerClient.from_connection_string(
             connection_string, location.removeprefix("blob:"), api_version=BLOB_API_VERSION

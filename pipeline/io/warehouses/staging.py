@@ -48,7 +48,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import UsageError
-from pipeline.io.azure import connection_string_settings, default_credential, import_extra
+from pipeline.io.azure import (
+    STORAGE_CONNECTION_STRING_ENV,
+    connection_string_settings,
+    default_credential,
+    import_extra,
+)
 from pipeline.io.warehouses.synapse import STAGING_TABLE, SYNAPSE, TableSpec, time_range
 from pipeline.schema import FACT_TABLE_COLUMNS, NULLABLE_FACT_COLUMNS
 
@@ -67,7 +72,6 @@ __all__ = [
 
 _LOG = logging.getLogger(__name__)
 
-STORAGE_CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 MANAGED_IDENTITY = "IDENTITY = 'Managed Identity'"
 #: How long the signature a COPY statement carries stays valid; each statement gets a new one.
 SAS_LIFETIME = dt.timedelta(hours=1)

@@ -66,6 +66,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
+import tenacity
+
 from pipeline.errors import UsageError
 from pipeline.io.azure import (
     connection_string_settings,
@@ -552,22 +554,28 @@ class EventHubsClient:
 
     def _call(self, hub: str, what: str, call: Callable[[Any], Any]) -> Any:
         """A metadata call, waiting out a busy service (for up to ``throttled_timeout``)."""
-        delay, started = self._busy_backoff[0], time.monotonic()
-        while True:
-            try:
-                return call(self._metadata_client(hub))
-            except Exception as error:
-                if is_credential_error(error):
-                    raise UsageError(
-                        f"Event Hubs refused to {what}: {error}; {CREDENTIAL_HINT}"
-                    ) from None
-                if not is_server_busy(error) or (
-                    time.monotonic() - started + delay > self._throttled_timeout
-                ):
-                    raise
-                _LOG.warning("Event Hubs is busy (to %s): trying again in %g s", what, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, self._busy_backoff[1])
+
+        def busy(state: tenacity.RetryCallState) -> None:
+            delay = state.next_action.sleep if state.next_action else 0
+            _LOG.warning("Event Hubs is busy (to %s): trying again in %g s", what, delay)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_server_busy),
+            wait=tenacity.wait_exponential(
+                multiplier=self._busy_backoff[0], max=self._busy_backoff[1]
+            ),
+            stop=tenacity.stop_before_delay(self._throttled_timeout),
+            before_sleep=busy,
+            reraise=True,
+        )
+        try:
+            return retrying(lambda: call(self._metadata_client(hub)))
+        except Exception as error:
+            if is_credential_error(error):
+                raise UsageError(
+                    f"Event Hubs refused to {what}: {error}; {CREDENTIAL_HINT}"
+                ) from None
+            raise
 
     def partition_ids(self, hub: str) -> list[str]:
         return [str(p) for p in self._call(hub, "list partitions", lambda c: c.get_partition_ids())]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import prometheus_client
 from apache_beam.metrics import Metrics
@@ -58,25 +59,32 @@ class JobCounter:
     ):
         self._beam_name = beam_name
         self._labelnames = tuple(labelnames)
-        self._beam = {}
+        self._counters: dict[tuple[str, ...], tuple[Any, Any]] = {}  # label values -> both
         self.prometheus = prometheus_client.Counter(
             name, documentation, self._labelnames, registry=REGISTRY
         )
 
-    def inc(self, n: int = 1, **labels: str) -> None:
-        if not n:
-            return
+    def _pair(self, labels: dict[str, str]) -> tuple[Any, Any]:
+        # Counted per event on the hot path: look both counters up once per label value.
         key = tuple(labels[name] for name in self._labelnames)
-        beam = self._beam.get(key)
-        if beam is None:
-            beam = self._beam[key] = Metrics.counter(NAMESPACE, self._beam_name.format(**labels))
-        beam.inc(n)
-        (self.prometheus.labels(*key) if key else self.prometheus).inc(n)
+        pair = self._counters.get(key)
+        if pair is None:
+            beam = Metrics.counter(NAMESPACE, self._beam_name.format(**labels))
+            pair = self._counters[key] = (
+                beam,
+                self.prometheus.labels(*key) if key else self.prometheus,
+            )
+        return pair
+
+    def inc(self, n: int = 1, **labels: str) -> None:
+        if n:
+            beam, prometheus = self._pair(labels)
+            beam.inc(n)
+            prometheus.inc(n)
 
     def value(self, **labels: str) -> float:
         """The Prometheus counter's value in this process (0 when never counted)."""
-        key = tuple(labels[name] for name in self._labelnames)
-        return (self.prometheus.labels(*key) if key else self.prometheus)._value.get()
+        return self._pair(labels)[1]._value.get()
 
 
 EVENTS_READ = JobCounter("events_read", "bms_events_read", "Events read from the hubs", ["hub"])

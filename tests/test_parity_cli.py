@@ -16,7 +16,7 @@ from pipeline.cli import main
 from pipeline.commands import parity as parity_command
 from pipeline.io.hubs import OutgoingEvent
 from pipeline.io.hubs.local import LocalHub
-from pipeline.io.warehouses import write_rows
+from pipeline.io.warehouses import masked_url, write_rows
 from pipeline.parity.compare import compare
 from pipeline.schema import BOOKING_HUB, DEAD_LETTER_TABLE, PAYMENT_HUB, datetime_to_micros
 from tests.conftest import booking_body, payment_body, produce_into
@@ -205,7 +205,7 @@ def test_an_unreachable_database_exits_3_in_one_line_without_its_password(tmp_pa
     ],
 )
 def test_urls_are_shown_without_secrets(url, capsys):
-    shown = parity_command._shown(url)
+    shown = masked_url(url)
     assert "Zq8-hunter2" not in shown and "pwd=" not in shown.lower(), shown
     assert "h" in shown
     assert main(["parity", "sqlite://", url]) in (2, 3)  # whatever fails, says it safely

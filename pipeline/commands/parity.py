@@ -18,7 +18,11 @@ import sqlalchemy as sa
 from pipeline.errors import RuntimeFailure, UsageError
 from pipeline.io.hubs import open_hub
 from pipeline.io.warehouses import (
+    SECRET_KEY,
     create_engine,
+    driver_hint,
+    masked_url,
+    odbc_settings,
     read_dead_letters,
     read_facts,
     synapse,
@@ -109,51 +113,12 @@ def _hub_events(url: str) -> Iterator[HubEvent]:
 
 # -- warehouse URLs: printed without secrets, errors classified -------------------------------
 
-_SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|sig|credential|odbc_connect", re.IGNORECASE)
-_ODBC_SHOWN = ("driver", "server", "database")
 _IN_MEMORY = (None, "", ":memory:")  # SQLite database names of no file
 _MISSING_ODBC_DRIVER = re.compile(r"Can't open lib|\bIM002\b|Data source name not found")
-_DRIVER_HINTS = {
-    "postgresql": "pip install -e '.[postgres]' and write postgresql+psycopg://USER@HOST/DB",
-    "mssql": "pip install -e '.[synapse]' (and Microsoft's ODBC Driver 18, see the README)",
-}
 
 
 def _is_odbc_string(url: str) -> bool:
     return synapse.is_odbc_target(url) and not url.startswith("mssql")
-
-
-def _odbc_settings(text: str) -> dict[str, str]:
-    """``Key=Value;...`` with ODBC's braces (``Pwd={a;b}``, ``}}`` for ``}``), keys lower-cased."""
-    settings = {}
-    for match in re.finditer(r"\s*([^=;]+?)\s*=\s*(\{(?:[^}]|\}\})*\}|[^;]*)\s*(?:;|$)", text):
-        settings[match.group(1).lower()] = match.group(2)
-    return settings
-
-
-def _shown_odbc(text: str) -> str:
-    """An ODBC connection string reduced to its driver, server and database."""
-    settings = _odbc_settings(text)
-    kept = [f"{key.capitalize()}={settings[key]}" for key in _ODBC_SHOWN if key in settings]
-    return "ODBC " + (";".join(kept) or "connection string")
-
-
-def _shown(url: str) -> str:
-    """A warehouse URL fit to print: no password, no secret query parameter, no ODBC string."""
-    if _is_odbc_string(url):
-        return _shown_odbc(url)
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
-        return "(not a database URL)"
-    query = {}
-    for key, value in parsed.query.items():
-        if key.lower() == "odbc_connect":
-            value = _shown_odbc(value if isinstance(value, str) else ";".join(value))
-        elif _SECRET_KEY.search(key):
-            value = "***"
-        query[key] = value
-    return parsed.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 
 def _shown_hub(url: str) -> str:
@@ -166,14 +131,14 @@ def _shown_hub(url: str) -> str:
 
 def _secrets(url: str) -> list[str]:
     """The secret substrings of a URL or ODBC string: its password and secret parameters."""
-    found = [value for key, value in _odbc_settings(url).items() if _SECRET_KEY.search(key)]
+    found = [value for key, value in odbc_settings(url).items() if SECRET_KEY.search(key)]
     with contextlib.suppress(sa.exc.ArgumentError, ValueError):
         parsed = sa.make_url(url)
         found.append(parsed.password or "")
         for key, value in parsed.query.items():
-            if _SECRET_KEY.search(key):
+            if SECRET_KEY.search(key):
                 found += [value] if isinstance(value, str) else list(value)
-                found += [v for k, v in _odbc_settings(str(value)).items() if _SECRET_KEY.search(k)]
+                found += [v for k, v in odbc_settings(str(value)).items() if SECRET_KEY.search(k)]
     with contextlib.suppress(ValueError):
         found.append(urlsplit(url).password or "")
     return sorted({secret.strip("{}") for secret in found if secret.strip("{}")}, key=len)[::-1]
@@ -185,11 +150,6 @@ def _scrub(message: str, *urls: str) -> str:
         for secret in _secrets(url):
             message = message.replace(secret, "***")
     return message
-
-
-def _hint(url: str) -> str:
-    backend = sa.make_url(url).get_backend_name()
-    return _DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
 
 
 def _table_name(table: str, engine: sa.Engine) -> tuple[str | None, str]:
@@ -204,7 +164,7 @@ def _table_name(table: str, engine: sa.Engine) -> tuple[str | None, str]:
 def _reading(url: str, what: str) -> Iterator[None]:
     """Turns what goes wrong reading a warehouse into one line without its secrets: a usage
     error (2) for what the user can fix in the command, else a runtime failure (3)."""
-    shown = f"{what} {_shown(url)}"
+    shown = f"{what} {masked_url(url)}"
     try:
         yield
     except (UsageError, RuntimeFailure) as error:
@@ -212,11 +172,12 @@ def _reading(url: str, what: str) -> Iterator[None]:
     except ValueError as error:  # read_facts: a table without the fact columns, or none
         raise UsageError(_scrub(f"{what}: {error}", url)) from None
     except ImportError:
-        raise UsageError(f"{shown}: its database driver is not installed; {_hint(url)}") from None
+        hint = driver_hint(url)
+        raise UsageError(f"{shown}: its database driver is not installed; {hint}") from None
     except sa.exc.NoSuchModuleError:
         raise UsageError(
             f"{shown}: SQLAlchemy has no dialect {sa.make_url(url).drivername!r} (a typo, or a "
-            f"driver that is not installed: {_hint(url)})"
+            f"driver that is not installed: {driver_hint(url)})"
         ) from None
     except sa.exc.DBAPIError as error:
         if not _MISSING_ODBC_DRIVER.search(str(error.orig)):
@@ -225,11 +186,11 @@ def _reading(url: str, what: str) -> Iterator[None]:
             ) from None
         raise UsageError(
             f"{shown}: its ODBC driver is not installed ({_scrub(describe_error(error), url)}); "
-            f"{_hint(url)}"
+            f"{driver_hint(url)}"
         ) from None
     except sa.exc.ArgumentError:
         raise UsageError(
-            f"{what} is not a database URL SQLAlchemy can use ({_shown(url)}); "
+            f"{what} is not a database URL SQLAlchemy can use ({masked_url(url)}); "
             "for example sqlite:///path/to/warehouse.db or postgresql+psycopg://USER@HOST/DB"
         ) from None
     except Exception as error:
@@ -259,7 +220,7 @@ def _check_warehouse(url: str, what: str, tables: list[str]) -> None:
                 for table in tables:
                     schema, name = _table_name(table, engine)
                     if not inspector.has_table(name, schema=schema):
-                        raise UsageError(f"no table {table} in {what} {_shown(url)}")
+                        raise UsageError(f"no table {table} in {what} {masked_url(url)}")
         except sa.exc.DatabaseError as error:
             if parsed.get_backend_name() == "sqlite" and "not a database" in str(error.orig):
                 raise UsageError(f"{what}: {database} is not a SQLite database") from None
@@ -328,7 +289,7 @@ def _compare_with_events(args: argparse.Namespace, start, end) -> int:
     ]  # fmt: skip
     actual = _read_facts(args.warehouse, where, args.right_table, start, end) + unstored
     comparison = compare(expected, actual)
-    names = (f"ASA query over {_shown_hub(args.hub)}", _shown(args.warehouse))
+    names = (f"ASA query over {_shown_hub(args.hub)}", masked_url(args.warehouse))
     dropped = _positions(evaluation.dropped, start, end)
     dead = _positions([letter for letter in letters if not letter.is_fact_row], start, end)
     equal = comparison.equal and dropped == dead
@@ -382,8 +343,8 @@ def run(args: argparse.Namespace) -> int:
     actual = _read_facts(args.right, "RIGHT_URL", args.right_table, start, end)
     comparison = compare(expected, actual)
     names = (
-        f"{_shown(args.left)} {args.left_table}",
-        f"{_shown(args.right)} {args.right_table}",
+        f"{masked_url(args.left)} {args.left_table}",
+        f"{masked_url(args.right)} {args.right_table}",
     )
     if args.output == "json":
         print(json.dumps(_comparison_json(comparison, *names), indent=2))

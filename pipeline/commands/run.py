@@ -29,7 +29,14 @@ from pipeline.io.hubs.checkpoints import open_checkpoint_store, resume_positions
 from pipeline.io.hubs.lease import LeaseHeld, hold_lease
 from pipeline.io.hubs.local import clock_ahead
 from pipeline.io.hubs.positions import first_sequence_number
-from pipeline.io.warehouses import DEAD_LETTERS, FACTS, masked_url, open_writer, synapse
+from pipeline.io.warehouses import (
+    DEAD_LETTERS,
+    FACTS,
+    driver_hint,
+    masked_url,
+    open_writer,
+    synapse,
+)
 from pipeline.io.warehouses.base import WarehouseError, describe_error
 from pipeline.join import ROWS_PER_CATEGORY_NAMESPACE
 from pipeline.options import BmsOptions, add_flag
@@ -228,16 +235,10 @@ def _check_warehouse(url: str) -> None:
             writer.close()
 
 
-_DRIVER_HINTS = {
-    "postgresql": "pip install -e '.[postgres]' and write postgresql+psycopg://USER@HOST/DB",
-    "mssql": "pip install -e '.[synapse]' (and Microsoft's ODBC Driver 18, see the README)",
-}
-
-
 def _missing_driver(url: str) -> str:
-    backend = "mssql" if synapse.is_odbc_target(url) else sa.make_url(url).get_backend_name()
-    hint = _DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
-    return f"--warehouse {masked_url(url)}: its database driver is not installed; {hint}"
+    return (
+        f"--warehouse {masked_url(url)}: its database driver is not installed; {driver_hint(url)}"
+    )
 
 
 @contextlib.contextmanager

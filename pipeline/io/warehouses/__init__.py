@@ -13,6 +13,7 @@ inserted. This package is the only place that imports the adapters.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 
 import apache_beam as beam
@@ -39,10 +40,14 @@ __all__ = [
     "DEFAULT_STAGING_BATCH_SECONDS",
     "DEFAULT_STAGING_BATCH_SIZE",
     "DEFAULT_WAREHOUSE_URL",
+    "DRIVER_HINTS",
     "FACTS",
+    "SECRET_KEY",
     "WriteToWarehouse",
     "create_engine",
+    "driver_hint",
     "masked_url",
+    "odbc_settings",
     "open_writer",
     "read_dead_letters",
     "read_facts",
@@ -145,8 +150,52 @@ class WriteToWarehouse(beam.PTransform):
         return rows | self._write
 
 
+#: Query parameters and ODBC settings never to print.
+SECRET_KEY = re.compile(r"pass|pwd|secret|token|key|sig|credential|odbc_connect", re.IGNORECASE)
+_ODBC_SHOWN = ("driver", "server", "database")
+#: What to install (and write) when a warehouse's database driver is missing.
+DRIVER_HINTS = {
+    "postgresql": "pip install -e '.[postgres]' and write postgresql+psycopg://USER@HOST/DB",
+    "mssql": "pip install -e '.[synapse]' (and Microsoft's ODBC Driver 18, see the README)",
+}
+
+
+def driver_hint(url: str) -> str:
+    """What to install for a warehouse URL whose driver is missing."""
+    is_odbc = synapse.is_odbc_target(url)
+    backend = "mssql" if is_odbc else sa.make_url(url).get_backend_name()
+    return DRIVER_HINTS.get(backend, "install its SQLAlchemy driver")
+
+
+def odbc_settings(text: str) -> dict[str, str]:
+    """``Key=Value;...`` with ODBC's braces (``Pwd={a;b}``, ``}}`` for ``}``), keys lower-cased."""
+    settings = {}
+    for match in re.finditer(r"\s*([^=;]+?)\s*=\s*(\{(?:[^}]|\}\})*\}|[^;]*)\s*(?:;|$)", text):
+        settings[match.group(1).lower()] = match.group(2)
+    return settings
+
+
+def _masked_odbc(text: str) -> str:
+    """An ODBC connection string reduced to its driver, server and database."""
+    settings = odbc_settings(text)
+    kept = [f"{key.capitalize()}={settings[key]}" for key in _ODBC_SHOWN if key in settings]
+    return "ODBC " + (";".join(kept) or "connection string")
+
+
 def masked_url(url: str) -> str:
-    """A warehouse URL fit to print: no password, and an ODBC string reduced to its server."""
+    """A warehouse URL fit to print: no password, no secret query parameter, an ODBC string
+    reduced to its driver, server and database."""
     if synapse.is_odbc_target(url) and not url.startswith("mssql"):
-        return "the ODBC data source given with --warehouse"
-    return sa.make_url(url).render_as_string(hide_password=True)
+        return _masked_odbc(url)
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return "(not a database URL)"
+    query = {}
+    for key, value in parsed.query.items():
+        if key.lower() == "odbc_connect":
+            value = _masked_odbc(value if isinstance(value, str) else ";".join(value))
+        elif SECRET_KEY.search(key):
+            value = "***"
+        query[key] = value
+    return parsed.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")

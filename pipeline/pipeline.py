@@ -94,10 +94,15 @@ class _ParseFn(beam.DoFn):
             yield TimestampedValue(value, Timestamp(micros=micros)) if retimestamp else value
 
 
+def _single_batch(letter: DeadLetter) -> list[DeadLetter]:
+    return [letter]
+
+
 class ComputeFacts(beam.PTransform):
     """The ASA query: ``(bookings, payments)`` of timestamped HubEvents -> facts and dead letters.
 
-    Returns ``{"facts": PCollection of 20-tuples, "dead_letters": PCollection of DeadLetter}``.
+    Returns ``{"facts": PCollection of lists of fact rows (``pipeline.join``), "dead_letters":
+    PCollection of DeadLetter}``.
 
     Args:
       window_period: seconds between the starts of the join's sliding windows (None: the
@@ -186,7 +191,11 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
         staging=options.staging,
         staging_batch_size=options.staging_batch_rows,
     )
-    written = (result[DEAD_LETTERS], unstorable) | "AllDeadLetters" >> beam.Flatten()
+    written = (
+        (result[DEAD_LETTERS], unstorable)
+        | "AllDeadLetters" >> beam.Flatten()
+        | "OneLetterBatches" >> beam.Map(_single_batch)  # few: not worth gathering
+    )
     written |= "WriteDeadLetters" >> WriteToWarehouse(
         options.warehouse,
         DEAD_LETTERS,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import apache_beam as beam
 import orjson
 import pytest
 from hypothesis import settings
@@ -107,3 +108,18 @@ def produce_into(hub, *args: str) -> None:
 
 def hub_event(hub: str, micros: int, body: bytes, partition: str = "0", sequence: int = 0):
     return HubEvent(hub, partition, sequence, micros, None, body)
+
+
+def _in_a_list(element) -> list:
+    return [element]
+
+
+def one_row_batches(label: str = "OneRowBatches") -> beam.PTransform:
+    """Rows as the warehouse sink takes them, in batches (lists): here one row each, so that
+    each keeps its own timestamp and window."""
+    return label >> beam.Map(_in_a_list)
+
+
+def unbatched(label: str = "Unbatched") -> beam.PTransform:
+    """The fact rows of the join's batches, one element each."""
+    return label >> beam.FlatMap(lambda rows: rows)

@@ -23,7 +23,7 @@ from pipeline import rules
 from pipeline.join import JoinBookingsToPayments, canonical_window_start
 from pipeline.pipeline import ComputeFacts
 from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, PAYMENT_HUB
-from tests.conftest import booking_body, hub_event, payment_body
+from tests.conftest import booking_body, hub_event, payment_body, unbatched
 
 SECOND = 1_000_000
 T0 = 1_770_000_000 * SECOND  # 2026-02-02, a whole multiple of every window period used here
@@ -78,7 +78,7 @@ def run_streaming(arrivals, expected):
     """Runs the join on a streaming runner and checks the (payment_id, seat) pairs emitted."""
     with streaming_pipeline() as p:
         streams = p | streamed(arrivals)
-        facts = (streams["b"], streams["p"]) | JoinBookingsToPayments()
+        facts = (streams["b"], streams["p"]) | JoinBookingsToPayments() | unbatched()
         assert_that(facts | beam.Map(lambda row: (row[PAYMENT_ID], row[SEAT])), equal_to(expected))
 
 
@@ -169,7 +169,7 @@ def test_null_order_ids_never_join_and_malformed_events_become_dead_letters():
         )
         result = (bookings, payments) | ComputeFacts()
         assert_that(
-            result["facts"] | beam.Map(lambda row: (row[0], row[PAYMENT_ID])),
+            result["facts"] | unbatched() | beam.Map(lambda row: (row[0], row[PAYMENT_ID])),
             equal_to([("o1", "p1")]),
             label="facts",
         )
@@ -258,6 +258,7 @@ def test_windowed_join_equals_nested_loop_join(case_list):
                 p | f"B{period}" >> beam.Create(booking_values),
                 p | f"P{period}" >> beam.Create(payment_values),
             ) | f"Join{period}" >> JoinBookingsToPayments(period)
+            joined |= unbatched(f"Unbatched{period}")
             assert_that(
                 joined
                 | f"Pairs{period}" >> beam.Map(lambda row: (row[SEAT], row[PAYMENT_ID], row[-1])),
@@ -292,7 +293,10 @@ def test_a_hot_order_gives_every_qualifying_pair_once():
                 ]
             ),
         ) | JoinBookingsToPayments()
-        assert_that(joined | beam.Map(lambda row: (row[SEAT], row[PAYMENT_ID])), equal_to(expected))
+        assert_that(
+            joined | unbatched() | beam.Map(lambda row: (row[SEAT], row[PAYMENT_ID])),
+            equal_to(expected),
+        )
 
 
 def test_join_bound_follows_the_rules_constant():

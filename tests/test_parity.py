@@ -25,6 +25,7 @@ from pipeline.parity.evaluator import evaluate
 from pipeline.pipeline import ComputeFacts
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, HubEvent, decode_fact_row
 from tests.conftest import booking_document as booking
+from tests.conftest import one_row_batches
 from tests.conftest import payment_document as payment
 
 SECOND = 1_000_000
@@ -53,6 +54,7 @@ class BeamRun:
             (
                 (result["dead_letters"], unstorable)
                 | beam.Flatten()
+                | one_row_batches()
                 | WriteToWarehouse(warehouse, target="dead_letters")
             )
         letters = read_dead_letters(warehouse)

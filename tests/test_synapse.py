@@ -49,7 +49,7 @@ from pipeline.schema import (
     decode_fact_row,
     fact_row_key,
 )
-from tests.conftest import missing
+from tests.conftest import missing, one_row_batches
 
 ODBC = os.environ.get(
     "BMS_TEST_ODBC",
@@ -770,12 +770,14 @@ def test_the_warehouse_sink_writes_facts_and_dead_letters_through_odbc(
             refused = (
                 pipeline
                 | "Facts" >> beam.Create(rows)
+                | one_row_batches()
                 | "WriteFacts" >> WriteToWarehouse(ODBC, batch_size=7, batch_seconds=batch_seconds)
             )
             events = pipeline | "Events" >> beam.Create([event, event])
             _ = (
                 (events, refused)
                 | beam.Flatten()
+                | one_row_batches("LetterBatches")
                 | "WriteLetters"
                 >> WriteToWarehouse(ODBC, "dead_letters", batch_size=2, batch_seconds=batch_seconds)
             )

@@ -20,7 +20,7 @@ from pipeline import runners
 from pipeline.io.hubs.progress import CommitPositions, PositionMark
 from pipeline.io.warehouses.sink import WriteRows, bucket_of
 from pipeline.schema import fact_row_key
-from tests.conftest import missing
+from tests.conftest import missing, one_row_batches
 
 #: What the recording writer and checkpoint store saw, in order: ("write", keys) and
 #: ("commit", sequence number). Module-level: the runners' workers are threads of this process.
@@ -78,6 +78,7 @@ def test_rows_from_many_bundles_are_written_in_batches_of_the_size_asked():
     _ = (
         pipeline
         | beam.Create([row(n) for n in range(25)])
+        | one_row_batches()
         | WriteRows(RecordingWriter, "facts", batch_size=10, batch_seconds=60, writers=1)
     )
     pipeline.run().wait_until_finish()
@@ -131,7 +132,11 @@ def test_streaming_batches_are_written_on_time_and_hold_checkpoints_until_writte
             | beam.FlatMap(_row_and_mark)
             | beam.Partition(lambda element, _: int(isinstance(element, PositionMark)), 2)
         )
-        written = rows | WriteRows(RecordingWriter, "facts", batch_size=1000, batch_seconds=2)
+        written = (
+            rows
+            | one_row_batches()
+            | WriteRows(RecordingWriter, "facts", batch_size=1000, batch_seconds=2)
+        )
         second = 1_000_000
         _ = (marks, written) | CommitPositions(RecordingStore, second, second, bound=0)
     writes = [keys for kind, keys in EVENTS if kind == "write"]

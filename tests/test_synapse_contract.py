@@ -47,6 +47,7 @@ from pipeline.io.warehouses.synapse import (
     TableSpec,
 )
 from pipeline.schema import NULLABLE_FACT_COLUMNS, DeadLetter, fact_row_key
+from tests.conftest import one_row_batches
 
 pyodbc = pytest.importorskip("pyodbc")
 
@@ -581,6 +582,7 @@ def test_the_sink_writes_through_the_pool_with_retries_and_bisection(pool, batch
     _ = (
         pipeline
         | beam.Create(rows)
+        | one_row_batches()
         | WriteRows(
             functools.partial(open_pool_writer, "pool", "facts"),
             "facts",

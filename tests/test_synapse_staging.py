@@ -36,6 +36,7 @@ from pipeline.io.warehouses.staging import (
 )
 from pipeline.io.warehouses.synapse import DEAD_LETTERS, FACTS, SynapseWriter
 from pipeline.schema import FACT_TABLE_COLUMNS, NULLABLE_FACT_COLUMNS, fact_row_key
+from tests.conftest import one_row_batches
 from tests.test_checkpoints import azurite  # noqa: F401  (a fixture: Azurite on a free port)
 from tests.test_synapse_contract import (
     DedicatedPool,
@@ -337,6 +338,7 @@ def test_the_sink_batches_across_bundles_into_few_files(container, report):
     _ = (
         pipeline
         | beam.Create(rows, reshuffle=False)
+        | one_row_batches()
         | WriteRows(
             functools.partial(open_staged_writer, "sink", f"blob:{container.container_name}"),
             "facts",

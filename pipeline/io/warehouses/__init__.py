@@ -90,7 +90,8 @@ def _writer_factory(
 
 
 class WriteToWarehouse(beam.PTransform):
-    """Writes fact rows (the 20 columns and the row key) or ``DeadLetter``s to a warehouse.
+    """Writes batches (lists) of fact rows (the 20 columns and the row key) or of
+    ``DeadLetter``s to a warehouse.
 
     Each row key is inserted at most once, whatever is replayed or retried; see ``sink``.
 
@@ -109,9 +110,9 @@ class WriteToWarehouse(beam.PTransform):
         inserted.
       writers: with batches across bundles, how many buckets of row keys write in parallel.
 
-    Returns the ``DeadLetter``s of the fact rows the warehouse cannot store (empty for
-    ``dead_letters``); its watermark passes a time only once the rows up to it are written
-    (``pipeline.io.hubs.progress.CommitPositions`` waits on it).
+    Returns the ``DeadLetter``s of the fact rows the warehouse cannot store, one per element
+    (empty for ``dead_letters``); its watermark passes a time only once the rows up to it are
+    written (``pipeline.io.hubs.progress.CommitPositions`` waits on it).
     """
 
     def __init__(

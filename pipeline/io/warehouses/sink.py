@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -110,22 +111,36 @@ class _WriteRowsFn(beam.DoFn):
             self._with_retries(self._writer.prepare)
             self._prepared = True
 
-    def process(self, element, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
-        row = self._to_row(element)
-        metrics.ROWS_RECEIVED.inc(table=self._target)
-        problem = self._unstorable(row)
-        if problem is not None:
-            yield from self._refuse(WindowedValue(row, timestamp, (window,)), *problem)
-            return
-        self._buffer.append(WindowedValue(row, timestamp, (window,)))
-        if len(self._buffer) >= self._batch_size:
-            yield from self._flush()
+    def process(self, batch, timestamp=beam.DoFn.TimestampParam, window=beam.DoFn.WindowParam):
+        rows, refused = self._checked(batch, timestamp, window)
+        yield from refused
+        self._buffer.extend(WindowedValue(row, timestamp, (window,)) for row in rows)
+        while len(self._buffer) >= self._batch_size:
+            full, self._buffer = (
+                self._buffer[: self._batch_size],
+                self._buffer[self._batch_size :],
+            )
+            yield from self._write(full)
 
     def finish_bundle(self):
         yield from self._flush()
 
     def teardown(self):
         self._writer.close()
+
+    def _checked(self, batch: list, timestamp, window) -> tuple[list[tuple], list[WindowedValue]]:
+        """The rows of a batch the table can store, and the dead letters of the others
+        (module doc, 1)."""
+        metrics.ROWS_RECEIVED.inc(len(batch), table=self._target)
+        rows, refused = [], []
+        for element in batch:
+            row = self._to_row(element)
+            problem = self._unstorable(row)
+            if problem is None:
+                rows.append(row)
+            else:
+                refused.extend(self._refuse(WindowedValue(row, timestamp, (window,)), *problem))
+        return rows, refused
 
     def _flush(self) -> Iterator[WindowedValue]:
         batch, self._buffer = self._buffer, []
@@ -196,7 +211,7 @@ class _WriteRowsFn(beam.DoFn):
         yield row.with_value(letter)
 
 
-_KEPT_SPEC = BagStateSpec("rows", coders.PickleCoder())  # (row, timestamp in µs)
+_KEPT_SPEC = BagStateSpec("rows", coders.PickleCoder())  # (rows, timestamp in µs)
 _COUNT_SPEC = ReadModifyWriteStateSpec("count", coders.VarIntCoder())
 _HOLD_SPEC = ReadModifyWriteStateSpec("hold", coders.VarIntCoder())  # earliest kept, µs
 _DUE_SPEC = ReadModifyWriteStateSpec("due", coders.FloatCoder())  # when the batch is written
@@ -217,7 +232,7 @@ def bucket_of(key: str, buckets: int) -> int:
 
 class _BatchAcrossBundlesFn(_WriteRowsFn):
     """``_WriteRowsFn`` with batches kept in state across bundles (module doc). Its input is
-    ``(bucket, row)``."""
+    ``(bucket, rows)``."""
 
     def __init__(self, *args, batch_seconds: float, clock: Callable[[], float] = time.time):
         super().__init__(*args)
@@ -241,16 +256,15 @@ class _BatchAcrossBundlesFn(_WriteRowsFn):
         due_at=_DUE_AT,
         end_at=_END_AT,
     ):
-        row = self._to_row(element[1])
-        metrics.ROWS_RECEIVED.inc(table=self._target)
-        problem = self._unstorable(row)
-        if problem is not None:
-            yield from self._refuse(WindowedValue(row, timestamp, (window,)), *problem)
+        rows, refused = self._checked(element[1], timestamp, window)
+        yield from refused
+        if not rows:
             return
-        kept.add((row, timestamp.micros))
-        n = (count.read() or 0) + 1
+        kept.add((rows, timestamp.micros))
+        before = count.read() or 0
+        n = before + len(rows)
         count.write(n)
-        if n == 1:
+        if before == 0:
             end_at.set(window.end)
             due.write(self._clock() + self._batch_seconds)
         held = hold.read()
@@ -278,18 +292,22 @@ class _BatchAcrossBundlesFn(_WriteRowsFn):
         # and if none comes it fires on an empty batch. Clearing a processing-time timer, in
         # its own callback above all, makes Prism fire it again and again.
         batch = [
-            WindowedValue(row, Timestamp(micros=micros), (window,)) for row, micros in kept.read()
+            WindowedValue(row, Timestamp(micros=micros), (window,))
+            for rows, micros in kept.read()
+            for row in rows
         ]
         kept.clear()
         count.clear()
         hold.clear()
         due.clear()
-        if batch:
-            yield from self._write(batch)
+        for first in range(0, len(batch), self._batch_size):
+            yield from self._write(batch[first : first + self._batch_size])
 
 
 class WriteRows(beam.PTransform):
-    """Writes fact rows or ``DeadLetter``s through a ``WarehouseWriter`` (see the module doc).
+    """Writes batches (lists) of fact rows or of ``DeadLetter``s through a ``WarehouseWriter``
+    (see the module doc). A batch is the unit Beam passes on, not the unit of insert: inserts
+    take ``batch_size`` rows whatever the batches' sizes.
 
     Args:
       open_writer: makes the writer, on the worker.
@@ -301,7 +319,7 @@ class WriteRows(beam.PTransform):
         bundles for up to this long (module doc).
       writers: with ``batch_seconds``, how many buckets of row keys are written in parallel.
 
-    Returns the ``DeadLetter``s of fact rows the warehouse cannot store.
+    Returns the ``DeadLetter``s of fact rows the warehouse cannot store, one per element.
     """
 
     def __init__(
@@ -345,8 +363,16 @@ class WriteRows(beam.PTransform):
         return (
             rows
             | "ByBucket"
-            >> beam.Map(lambda row: (bucket_of(key_of(row), buckets), row)).with_output_types(
+            >> beam.FlatMap(_by_bucket, key_of, buckets).with_output_types(
                 beam.typehints.KV[int, beam.typehints.Any]  # a deterministic key coder
             )
             | "BatchAndWrite" >> beam.ParDo(self._fn)
         )
+
+
+def _by_bucket(batch: list, key_of: Callable, buckets: int) -> Iterator[tuple[int, list]]:
+    """Splits a batch of rows into one batch per bucket of their row keys."""
+    by_bucket = defaultdict(list)
+    for row in batch:
+        by_bucket[bucket_of(key_of(row), buckets)].append(row)
+    return iter(by_bucket.items())

@@ -4,10 +4,10 @@ The URL chooses the database: ``sqlite:///.bms/warehouse.db`` (the embedded defa
 ``postgresql+psycopg://USER@HOST/DB`` (password from the URL or ``PGPASSWORD``). Tables are
 created when missing: the fact table (in schema ``bookymyshow`` where the database has schemas,
 like the Synapse original) and ``dead_letters``, each with the ``row_key`` column and a unique
-index on it. Each batch is one ``INSERT ... ON CONFLICT (row_key) DO NOTHING RETURNING row_key``
-(SQLAlchemy pages it into multi-row statements): the database itself decides which rows are new,
-so there is no check-then-insert race between writers and a batch costs the same however large
-the table grows.
+index on it. Each batch is one ``INSERT ... ON CONFLICT (row_key) DO NOTHING`` run through the
+driver's ``executemany`` (its row count says how many rows were new): the database itself
+decides which rows are new, so there is no check-then-insert race between writers and a batch
+costs the same however large the table grows.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from pipeline.io.warehouses.base import FACTS, WarehouseWriteError
 from pipeline.schema import (
@@ -50,7 +49,7 @@ __all__ = [
 DEFAULT_WAREHOUSE_URL = "sqlite:///.bms/warehouse.db"
 
 _SQL_TYPE = re.compile(r"(\w+)(?:\((\w+)\))?")
-_INSERT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+_DIALECTS = ("sqlite", "postgresql")
 
 
 def _column_type(sql_type: str) -> sa.types.TypeEngine:
@@ -149,6 +148,34 @@ def _missing_sqlite_folder(url: str) -> Path | None:
     return None if folder.is_dir() else folder
 
 
+def _insert_new_rows(dialect: sa.Dialect, table: sa.Table) -> str:
+    """``INSERT ... ON CONFLICT (row_key) DO NOTHING`` for the DB-API's ``executemany``, with
+    its own parameter markers (SQLite and PostgreSQL both have the clause)."""
+    quote = dialect.identifier_preparer.quote
+    marker = "?" if dialect.paramstyle == "qmark" else "%s"
+    columns = ", ".join(quote(column.name) for column in table.columns)
+    markers = ", ".join([marker] * len(table.columns))
+    return (
+        f"INSERT INTO {dialect.identifier_preparer.format_table(table)} ({columns}) "
+        f"VALUES ({markers}) ON CONFLICT ({quote(ROW_KEY.name)}) DO NOTHING"
+    )
+
+
+def _sqlite_values(row: tuple, datetimes: list[int]) -> tuple:
+    """A row as SQLite stores it: datetimes as the text SQLAlchemy writes and reads
+    (``YYYY-MM-DD HH:MM:SS.ffffff``), so that every row compares alike."""
+    values = list(row)
+    for index in datetimes:
+        value = values[index]
+        if value is not None:
+            values[index] = value.isoformat(" ", "microseconds")
+    return tuple(values)
+
+
+def _as_is(row: tuple, datetimes: list[int]) -> tuple:
+    return row
+
+
 def _masked(engine: sa.Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
@@ -166,7 +193,7 @@ class SqlAlchemyWriter:
         self._fact_table = fact_table
         parsed = sa.make_url(url)
         self._dialect = parsed.get_backend_name()
-        if self._dialect not in _INSERT:
+        if self._dialect not in _DIALECTS:
             raise ValueError(
                 f"warehouse {parsed.render_as_string(hide_password=True)}: bms writes to "
                 "sqlite://, postgresql:// or Synapse / SQL Server (mssql+pyodbc:// or an ODBC "
@@ -189,19 +216,22 @@ class SqlAlchemyWriter:
             self._engine = create_engine(self._url)
         facts, dead_letters = create_tables(self._engine, self._fact_table)
         table = facts if self._target == FACTS else dead_letters
-        self._names = [column.name for column in table.columns]
-        self._statement = (
-            _INSERT[self._dialect](table)
-            .on_conflict_do_nothing(index_elements=[ROW_KEY.name])
-            .returning(table.columns[ROW_KEY.name])
-        )
+        self._statement = _insert_new_rows(self._engine.dialect, table)
+        self._stored = _sqlite_values if self._dialect == "sqlite" else _as_is
+        self._datetimes = [
+            index
+            for index, column in enumerate(table.columns)
+            if isinstance(column.type, sa.DateTime)
+        ]
 
     def write_batch(self, rows: Sequence[tuple]) -> int:
         if self._statement is None:
             self.prepare()
-        records = [dict(zip(self._names, row, strict=True)) for row in rows]
+        values = [self._stored(row, self._datetimes) for row in rows]
         with self._engine.begin() as connection:
-            return len(connection.execute(self._statement, records).all())
+            # The driver's executemany, not SQLAlchemy's per-value processing: its rowcount is
+            # the number of rows inserted, those whose row key the table lacked.
+            return connection.exec_driver_sql(self._statement, values).rowcount
 
     def is_transient(self, error: BaseException) -> bool:
         if isinstance(error, sa.exc.DBAPIError) and error.connection_invalidated:

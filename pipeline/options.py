@@ -170,7 +170,7 @@ class BmsOptions(PipelineOptions):
             default=None,
             help="seconds between the starts of the join's sliding windows; shorter means "
             f"earlier output when streaming, more work per event (default: "
-            f"{DEFAULT_PERIOD_SECONDS:g}; with --bounded none: one group per order)",
+            f"{DEFAULT_PERIOD_SECONDS:g}; with --bounded none: the global window)",
         )
         add_flag(
             parser,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -53,6 +54,43 @@ EARLIEST_START = StartPosition.earliest()
 #: reports holding before the job fails.
 READ_ANOMALY_TIMEOUT = 300.0
 _LOG = logging.getLogger(__name__)
+
+
+class _ReadFronts:
+    """How far each partition of a hub has been read in this process: the time of the last
+    event read at its front, or None once it is caught up. Every watermark this source reports
+    is held to the slowest front of its hub.
+
+    Why: Prism (Beam 2.77) takes the estimate reported by a stage's *latest* bundle as the
+    whole stage's output watermark (``engine/elementmanager.go``, ``estimatedOutput``), not the
+    minimum over the partitions other bundles are still reading. A partition read ahead, or
+    caught up and idle, in a bundle of its own would move the watermark past the unread events
+    of the others, whose rows the join then drops as late. The partitions are listed in this
+    process before they are read (Prism runs the job's Python in it), so the listing seeds every
+    partition as unread. Runners that take the minimum themselves (Dataflow, Flink) lose
+    nothing by it.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._fronts: dict[tuple[str, str], dict[str, int | None]] = {}
+
+    def seed(self, hub_url: str, hub: str, partitions: list[str]) -> None:
+        with self._lock:
+            self._fronts[(hub_url, hub)] = dict.fromkeys(partitions, MIN_TIMESTAMP.micros)
+
+    def report(self, hub_url: str, hub: str, partition: str, micros: int | None) -> None:
+        with self._lock:
+            self._fronts.setdefault((hub_url, hub), {})[partition] = micros
+
+    def held(self, hub_url: str, hub: str, micros: int) -> int:
+        """``micros``, or less if a front of the hub has not been read that far."""
+        with self._lock:
+            fronts = self._fronts.get((hub_url, hub), {}).values()
+            return min((micros, *(front for front in fronts if front is not None)))
+
+
+_READ_FRONTS = _ReadFronts()
 
 
 class PartitionRange(NamedTuple):
@@ -84,7 +122,9 @@ class _ListPartitions(beam.DoFn):
                 store.close()
         client = open_hub(self._hub_url)
         try:
-            for partition in client.partition_ids(hub):
+            partitions = client.partition_ids(hub)
+            _READ_FRONTS.seed(self._hub_url, hub, partitions)
+            for partition in partitions:
                 first = first_sequence_number(
                     client, hub, partition, self._start, resume.get(partition)
                 )
@@ -177,7 +217,7 @@ class _ReadPartitionFn(beam.DoFn):
         next_mark_at = MIN_TIMESTAMP.micros  # marks at least every MARK_INTERVAL of event time
         # A piece split off the open range far ahead has nothing to read until the partition
         # reaches it; not reading spares the other pieces' readers (Event Hubs keeps one open).
-        caught_up = open_ended and self._beyond_end(element, position)
+        beyond_end = caught_up = open_ended and self._beyond_end(element, position)
         for _ in range(0 if caught_up else self._max_batches_per_call):
             stop = tracker.current_restriction().stop  # the runner may split while we read
             if position >= stop or reading_paused():  # paused: the next call waits
@@ -215,7 +255,9 @@ class _ReadPartitionFn(beam.DoFn):
             )
             position = events[-1].sequence_number + 1
             self._saw_end(element, position)
-            _advance(watermark, events[-1].enqueued_time - self._watermark_delay_micros, element)
+            front = events[-1].enqueued_time - self._watermark_delay_micros
+            _READ_FRONTS.report(self._hub_url, element.hub, element.partition, front)
+            self._advance_held(watermark, front, element)
         yield from _marks(element, last)
         if position >= tracker.current_restriction().stop:  # this piece is read
             if not open_ended and position >= element.stop:  # and so is the partition
@@ -229,9 +271,11 @@ class _ReadPartitionFn(beam.DoFn):
             self._check_still_held(element, position)
             self._retry_later(tracker, open_ended)
             return
+        if not beyond_end:  # this piece read the partition to its end
+            _READ_FRONTS.report(self._hub_url, element.hub, element.partition, None)
         idle_since = time.time_ns() // 1_000 - self._idle_allowance_micros
         previous = _watermark_micros(watermark)
-        if _advance(watermark, idle_since - self._watermark_delay_micros, element):
+        if self._advance_held(watermark, idle_since - self._watermark_delay_micros, element):
             current = _watermark_micros(watermark)
             if current // MARK_INTERVAL_MICROS != previous // MARK_INTERVAL_MICROS and (
                 self._ends_at(element, position)
@@ -243,6 +287,11 @@ class _ReadPartitionFn(beam.DoFn):
                     element, position - 1, current, offset=offset if read == position - 1 else None
                 )
         tracker.defer_remainder(self._poll_interval)
+
+    def _advance_held(self, watermark, micros: int, element: PartitionRange) -> bool:
+        """``_advance``, held to the hub's slowest read front (``_ReadFronts``)."""
+        held = _READ_FRONTS.held(self._hub_url, element.hub, micros)
+        return _advance(watermark, held, element)
 
     def _retry_later(self, tracker, open_ended: bool) -> None:
         """Checkpoints the rest of this piece, to be read again after the poll interval.

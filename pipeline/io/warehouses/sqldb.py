@@ -118,6 +118,11 @@ def create_tables(engine: sa.Engine, fact_table: str = FACT_TABLE) -> tuple[sa.T
     """Creates the tables (and schema) where missing; fails in one line if an existing table
     cannot enforce row identity (one made by an earlier bms, or by hand)."""
     facts, dead_letters = warehouse_tables(engine, fact_table)
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as connection:
+            # Write-ahead logging (kept in the file): one sync per commit instead of three, and
+            # readers (bms report, parity) neither wait for nor block the job's writes.
+            connection.exec_driver_sql("PRAGMA journal_mode=WAL")
     with engine.begin() as connection:
         if facts.schema is not None:
             connection.execute(sa.schema.CreateSchema(facts.schema, if_not_exists=True))

@@ -60,13 +60,22 @@ def bms(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"bms {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
 
 
-def generate(work: Path, count: int, *, seed: int, rate: float, repository: Path) -> EventSet:
-    """Generates ``count`` events into ``work`` and prepares every engine's input."""
+def generate(
+    work: Path,
+    count: int,
+    *,
+    seed: int,
+    rate: float,
+    repository: Path,
+    malformed: float = MALFORMED_SHARE,
+) -> EventSet:
+    """Generates ``count`` events into ``work`` (``malformed``: the share of broken bodies) and
+    prepares every engine's input."""
     work.mkdir(parents=True, exist_ok=True)
     generation_hub, hub = work / "generated-hub.db", work / "hub.db"
     bms(
         "produce", "--hub", str(generation_hub), "--count", str(count), "--rate", str(rate),
-        "--seed", str(seed), "--malformed-share", str(MALFORMED_SHARE),
+        "--seed", str(seed), "--malformed-share", str(malformed),
         "--simulate", SIMULATE_FROM, "-q",
         cwd=repository,
     )  # fmt: skip

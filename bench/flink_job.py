@@ -1,14 +1,16 @@
 """Runs bench/sql/flink_interval_join.sql on PyFlink: the benchmark's peer (Flink SQL's join).
 
     PYFLINK_PYTHON bench/flink_job.py --mode streaming|batch --bookings FILE --payments FILE
-        --output DIR [--parallelism 2]
+        --output DIR --checkpoints DIR [--parallelism 2]
 
 Runs in the PyFlink virtual environment that bench/flink.py makes (apache-flink pins an older
 apache-beam than the project's), so it imports nothing but PyFlink and the standard library.
 Flink runs in its local mini-cluster, inside the JVM that PyFlink starts; the fact rows go to
-CSV files in DIR (the harness counts them). Streaming mode checkpoints every
-``CHECKPOINT_INTERVAL``: the file sink publishes its files on checkpoints, the last one when the
-bounded input ends.
+CSV files in ``--output`` (the harness counts them). Streaming mode checkpoints every
+``CHECKPOINT_INTERVAL`` into files in ``--checkpoints`` (the default, the JobManager's memory,
+refuses state over 5 MB, and the join's state is larger): the file sink publishes its files on
+checkpoints, the last one when the bounded input ends. A failure ends the job (no restarts): a
+benchmark run that needed one would not measure the same thing.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("--bookings", required=True)
     parser.add_argument("--payments", required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--checkpoints", required=True)
     parser.add_argument("--parallelism", type=int, default=2)
     args = parser.parse_args()
     settings = (
@@ -49,8 +52,11 @@ def main() -> None:
     config = table_env.get_config()
     config.set("parallelism.default", str(args.parallelism))
     config.set("table.local-time-zone", "UTC")
+    config.set("restart-strategy.type", "none")
     if args.mode == "streaming":
         config.set("execution.checkpointing.interval", CHECKPOINT_INTERVAL)
+        config.set("execution.checkpointing.storage", "filesystem")
+        config.set("execution.checkpointing.dir", Path(args.checkpoints).resolve().as_uri())
     *definitions, insert = statements(args.bookings, args.payments, args.output)
     for statement in definitions:
         table_env.execute_sql(statement)

@@ -41,7 +41,7 @@ class MeasureError(RuntimeError):
 
 @dataclass(frozen=True)
 class Usage:
-    """What one command cost, from its start to the exit of its last process."""
+    """What one command cost, from its start to the end of the last process of its tree."""
 
     wall_seconds: float
     cpu_seconds: float  # user + system, the whole tree
@@ -49,7 +49,8 @@ class Usage:
     returncode: int
     #: Seconds from the start until ``stop_when`` first held (then SIGINT went to the command).
     stopped_after: float | None = None
-    #: Processes of the tree still alive STRAGGLER_SECONDS after the command ended, then killed.
+    #: Processes of the tree still running STRAGGLER_SECONDS after the command ended, then
+    #: killed (their CPU time until then is counted).
     stragglers_killed: int = 0
 
 
@@ -75,20 +76,21 @@ def _tree_rss(me: psutil.Process) -> int:
     return total
 
 
-def _reap_descendants(me: psutil.Process, timeout: float) -> int:
-    """Waits for every descendant (reparented orphans are children now) to exit, killing what
-    is left after ``timeout``; returns how many had to be killed. Waiting is what adds their
-    CPU time to ours."""
-    deadline = time.monotonic() + timeout
-    while (children := me.children()) and time.monotonic() < deadline:
-        psutil.wait_procs(children, timeout=min(1.0, max(0.0, deadline - time.monotonic())))
-    leftovers = me.children(recursive=True)
-    for process in leftovers:
+def _kill_tree(me: psutil.Process) -> int:
+    """Kills every descendant and waits for them all; returns how many were alive."""
+    alive = [process for process in me.children(recursive=True) if _running(process)]
+    for process in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-    while children := me.children():  # the killed grandchildren come to us as orphans
+    while children := me.children():  # killed grandchildren come to us as orphans
         psutil.wait_procs(children, timeout=1.0)
-    return len(leftovers)
+    return len(alive)
+
+
+def _running(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return process.status() != psutil.STATUS_ZOMBIE
+    return False
 
 
 def run_measured(
@@ -101,7 +103,10 @@ def run_measured(
     stop_when: Callable[[], bool] | None = None,
     check_every: float = 1.0,
 ) -> Usage:
-    """Runs ``command`` (output to ``log``) and measures its whole tree.
+    """Runs ``command`` (output to ``log``) and measures its whole tree, until its last process
+    has ended: the command's own, then whatever it left behind (given STRAGGLER_SECONDS, then
+    killed). Waiting for each one (reparented orphans are our children) is what adds its CPU
+    time to ours.
 
     With ``stop_when``, the command is a service: every ``check_every`` seconds ``stop_when()``
     is asked, and once it holds the command gets SIGINT (a terminal's Ctrl-C) and is left to end
@@ -113,29 +118,35 @@ def run_measured(
         raise MeasureError("another child process is running: it would be measured too")
     cpu_before = _children_cpu()
     started = time.monotonic()
-    stopped_after = None
-    peak_rss = 0
+    stopped_after = command_ended = None
+    stragglers = peak_rss = 0
     next_check = started + check_every
     with open(log, "wb") as output:
         process = subprocess.Popen(
             list(command), stdout=output, stderr=subprocess.STDOUT, env=env, cwd=cwd
         )
-        while process.poll() is None:
+        while True:
             peak_rss = max(peak_rss, _tree_rss(me))
             now = time.monotonic()
+            if process.poll() is not None:
+                command_ended = command_ended or now
+                _, alive = psutil.wait_procs(me.children(), timeout=0)  # reaps the ended
+                if not alive:
+                    break
+                if now - command_ended > STRAGGLER_SECONDS:
+                    stragglers = _kill_tree(me)
+                    break
             if now - started > timeout:
-                _reap_descendants(me, timeout=0)
+                _kill_tree(me)
                 raise MeasureError(f"{command[0]} ran past its {timeout:.0f} s limit (see {log})")
             if stop_when is not None and stopped_after is None and now >= next_check:
                 next_check = now + check_every
-                if stop_when():
+                if process.returncode is None and stop_when():
                     stopped_after = now - started
                     process.send_signal(signal.SIGINT)
             time.sleep(POLL_SECONDS)
-    ended = time.monotonic()
-    stragglers = _reap_descendants(me, STRAGGLER_SECONDS)
     usage = Usage(
-        wall_seconds=ended - started,
+        wall_seconds=time.monotonic() - started,
         cpu_seconds=_children_cpu() - cpu_before,
         peak_rss_bytes=peak_rss,
         returncode=process.returncode,

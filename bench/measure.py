@@ -102,6 +102,7 @@ def run_measured(
     cwd: Path | None = None,
     stop_when: Callable[[], bool] | None = None,
     check_every: float = 1.0,
+    max_rss_bytes: int | None = None,
 ) -> Usage:
     """Runs ``command`` (output to ``log``) and measures its whole tree, until its last process
     has ended: the command's own, then whatever it left behind (given STRAGGLER_SECONDS, then
@@ -110,8 +111,9 @@ def run_measured(
 
     With ``stop_when``, the command is a service: every ``check_every`` seconds ``stop_when()``
     is asked, and once it holds the command gets SIGINT (a terminal's Ctrl-C) and is left to end
-    on its own. Past ``timeout`` seconds the tree is killed and MeasureError raised; so it is if
-    the command exits with an error."""
+    on its own. Past ``timeout`` seconds, or past ``max_rss_bytes`` of RSS (on a shared machine,
+    before the kernel's OOM killer picks a victim that may be someone else's), the tree is killed
+    and MeasureError raised; so it is if the command exits with an error."""
     become_subreaper()
     me = psutil.Process()
     if me.children():
@@ -138,7 +140,13 @@ def run_measured(
                     break
             if now - started > timeout:
                 _kill_tree(me)
-                raise MeasureError(f"{command[0]} ran past its {timeout:.0f} s limit (see {log})")
+                raise MeasureError(f"ran past its {timeout:.0f} s limit (see {log})")
+            if max_rss_bytes is not None and peak_rss > max_rss_bytes:
+                _kill_tree(me)
+                raise MeasureError(
+                    f"killed after {now - started:.0f} s: its RSS reached "
+                    f"{peak_rss / 2**30:.2f} GiB, over the {max_rss_bytes / 2**30:.2f} GiB limit"
+                )
             if stop_when is not None and stopped_after is None and now >= next_check:
                 next_check = now + check_every
                 if process.returncode is None and stop_when():

@@ -58,6 +58,7 @@ DEFAULT_SIZES = (200_000, 1_000_000)
 QUICK_SIZE = 4_000
 DEFAULT_RATE = 40.0  # events/s of the simulated history: 4,800 events in a 2-minute join window
 PEER = "flink-streaming"
+MEMORY_BYTES = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 #: The engines in the order they run; bms-streaming last, once the expected rows are known.
 ENGINES = {
     "python": "plain Python + orjson (pipeline.rules), no writes",
@@ -70,19 +71,20 @@ ENGINES = {
 
 
 class BenchError(RuntimeError):
-    """The benchmark cannot give a valid result (an engine failed, or engines disagree)."""
+    """An engine gave no valid result."""
 
 
 @dataclass(frozen=True)
 class EngineResult:
-    """One engine's run over one event set."""
+    """One engine's run over one event set: measured, or failed with the reason."""
 
-    rows: int
-    usage: Usage
+    rows: int | None
+    usage: Usage | None
     load_before: float  # 1-minute load average when it started
     load_after: float
     #: bms-streaming: seconds until the warehouse held every expected row.
     caught_up_seconds: float | None = None
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Context:
     expected_rows: int | None  # known once one engine has run
     flink_python: Path | None
     timeout: float
+    max_rss_bytes: int
 
 
 def _python_env() -> dict[str, str]:
@@ -112,6 +115,7 @@ def _measure(context: Context, name: str, command: list[str], **kwargs) -> Usage
         command,
         log=context.work / f"{name}.log",
         timeout=context.timeout,
+        max_rss_bytes=context.max_rss_bytes,
         cwd=REPOSITORY,
         **kwargs,
     )
@@ -209,20 +213,35 @@ RUNNERS: dict[str, Callable[[Context], tuple[int, Usage, float | None]]] = {
 
 
 def run_size(
-    count: int, engines: list[str], *, work: Path, seed: int, rate: float, flink_python: Path | None
-) -> dict:
-    """Generates one event set and runs every engine over it; the size's JSON record."""
+    count: int,
+    engines: list[str],
+    *,
+    work: Path,
+    seed: int,
+    rate: float,
+    flink_python: Path | None,
+    max_rss_bytes: int,
+) -> tuple[dict, list[str]]:
+    """Generates one event set and runs every engine over it: the size's JSON record, and what
+    went wrong (an engine that failed, engines that disagree on the rows)."""
     print(f"\n== {count:,} events: generating (seed {seed}, {rate:g} events/s) ...", flush=True)
     events = generate(work, count, seed=seed, rate=rate, repository=REPOSITORY)
-    if "bms-streaming" in engines and engines[0] == "bms-streaming":
+    if engines == ["bms-streaming"]:
         engines = ["python", *engines]  # the catch-up needs to know when it is done
     results: dict[str, EngineResult] = {}
     expected = None
     for name in engines:
-        context = Context(events, work, expected, flink_python, timeout=600 + count / 100)
+        context = Context(events, work, expected, flink_python, 600 + count / 100, max_rss_bytes)
         print(f"-- {name}: {ENGINES[name]} ...", flush=True)
         load_before = os.getloadavg()[0]
-        rows, usage, caught_up = RUNNERS[name](context)
+        try:
+            rows, usage, caught_up = RUNNERS[name](context)
+        except (BenchError, MeasureError) as error:
+            results[name] = EngineResult(
+                None, None, load_before, os.getloadavg()[0], error=str(error)
+            )
+            print(f"   FAILED: {error}", flush=True)
+            continue
         results[name] = EngineResult(rows, usage, load_before, os.getloadavg()[0], caught_up)
         expected = rows if expected is None else expected
         print(
@@ -230,36 +249,43 @@ def run_size(
             f"peak RSS {usage.peak_rss_bytes / 2**30:.2f} GiB (load {load_before:.1f})",
             flush=True,
         )
-    record = _size_record(events, results)
-    disagreeing = {name: result.rows for name, result in results.items() if result.rows != expected}
-    if disagreeing:
-        raise BenchError(
+    problems = [
+        f"{name} failed on {count:,} events: {r.error}" for name, r in results.items() if r.error
+    ]
+    counts = {name: r.rows for name, r in results.items() if r.error is None}
+    if len(set(counts.values())) > 1:
+        problems.append(
             f"engines disagree on the fact rows of {count:,} events: "
-            + ", ".join(f"{name} {result.rows:,}" for name, result in results.items())
+            + ", ".join(f"{name} {rows:,}" for name, rows in counts.items())
         )
-    return record
+    return _size_record(events, results, expected), problems
 
 
-def _size_record(events: EventSet, results: dict[str, EngineResult]) -> dict:
-    """Per engine: rows, wall, CPU, RSS, the rates and their ratios to the peer."""
+def _size_record(events: EventSet, results: dict[str, EngineResult], rows: int | None) -> dict:
+    """Per engine: rows, wall, CPU, RSS, the rates and their ratios to the peer (or the error)."""
     engines = {}
     for name, result in results.items():
-        usage = result.usage
-        seconds = result.caught_up_seconds or usage.wall_seconds
-        engines[name] = {
+        record = {
             "description": ENGINES[name],
             "rows": result.rows,
-            **asdict(usage),
-            "caught_up_seconds": result.caught_up_seconds,
-            "events_per_second": events.events / seconds,
-            "events_per_cpu_second": events.events / usage.cpu_seconds,
+            "error": result.error,
             "load_before": result.load_before,
             "load_after": result.load_after,
         }
-    peer = engines.get(PEER)
+        if result.usage is not None:
+            seconds = result.caught_up_seconds or result.usage.wall_seconds
+            record |= {
+                **asdict(result.usage),
+                "caught_up_seconds": result.caught_up_seconds,
+                "events_per_second": events.events / seconds,
+                "events_per_cpu_second": events.events / result.usage.cpu_seconds,
+            }
+        engines[name] = record
+    peer = engines.get(PEER, {})
     for record in engines.values():
         for metric in ("events_per_second", "events_per_cpu_second"):
-            record[f"{metric}_vs_{PEER}"] = record[metric] / peer[metric] if peer else None
+            measured = metric in record and metric in peer
+            record[f"{metric}_vs_{PEER}"] = record[metric] / peer[metric] if measured else None
     return {
         "events": events.events,
         "events_by_hub": events.events_by_hub,
@@ -268,7 +294,7 @@ def _size_record(events: EventSet, results: dict[str, EngineResult]) -> dict:
             hub: events.body_bytes_by_hub[hub] / max(1, n)
             for hub, n in events.events_by_hub.items()
         },
-        "rows": next(iter(results.values())).rows if results else None,
+        "rows": rows,
         "engines": engines,
     }
 
@@ -303,7 +329,7 @@ def markdown(results: dict) -> str:
     lines = []
     for size in results["sizes"]:
         lines += [
-            f"**{size['events']:,} events** ({size['rows']:,} fact rows; mean event "
+            f"**{size['events']:,} events** ({size['rows'] or 0:,} fact rows; mean event "
             f"{size['mean_event_bytes']:.0f} bytes)",
             "",
             "| engine | wall s | events/s | × Flink streaming | CPU-s | events/CPU-s "
@@ -311,6 +337,12 @@ def markdown(results: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, engine in size["engines"].items():
+            if engine["error"] is not None:
+                lines.append(
+                    f"| {name}: {engine['description']} | failed: {engine['error']} "
+                    "| — | — | — | — | — | — |"
+                )
+                continue
             wall = f"{engine['wall_seconds']:.1f}"
             if engine["caught_up_seconds"] is not None:
                 wall = f"{engine['caught_up_seconds']:.1f} (caught up), {wall} (drained)"
@@ -370,6 +402,13 @@ def main(argv: list[str] | None = None) -> int:
         help="keep events, warehouses and logs here (default: a temporary folder)",
     )
     parser.add_argument(
+        "--max-rss-gib",
+        type=float,
+        default=round(MEMORY_BYTES / 2**30 / 2, 1),
+        help="kill an engine whose processes together hold more than this (default: half of "
+        "this machine's memory, %(default)s): it fails, the others still run",
+    )
+    parser.add_argument(
         "--table",
         type=Path,
         metavar="JSON",
@@ -390,46 +429,48 @@ def main(argv: list[str] | None = None) -> int:
         flink_python = None
         if any(name.startswith("flink") for name in engines):
             flink_python = flink.flink_python(args.flink_version)
-        versions = _versions(flink_python)
-        print(f"PyFlink {versions['apache_flink']} on Java {versions['java']}; Beam "
-              f"{versions['apache_beam']}; DuckDB {versions['duckdb']}", flush=True)  # fmt: skip
-        results = {
-            "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "commit": _git("rev-parse", "HEAD"),
-            "uncommitted_changes": bool(_git("status", "--porcelain", "--", "pipeline", "bench")),
-            "machine": {
-                "cpus": os.cpu_count(),
-                "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                "platform": platform.platform(),
-            },
-            "versions": versions,
-            "seed": args.seed,
-            "rate": args.rate,
-            "sizes": [],
-        }
-        for count in sizes:
-            with tempfile.TemporaryDirectory(prefix="bms-bench-") as scratch:
-                work = (args.work or Path(scratch)) / f"{count}"
-                shutil.rmtree(work, ignore_errors=True)
-                results["sizes"].append(
-                    run_size(
-                        count,
-                        engines,
-                        work=work,
-                        seed=args.seed,
-                        rate=args.rate,
-                        flink_python=flink_python,
-                    )  # fmt: skip
-                )
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
-    except (BenchError, MeasureError, flink.FlinkUnavailable) as error:
+    except flink.FlinkUnavailable as error:
         print(f"bench: {error}", file=sys.stderr)
         return 1
+    versions = _versions(flink_python)
+    print(
+        f"PyFlink {versions['apache_flink']} on Java {versions['java']}; Beam "
+        f"{versions['apache_beam']}; DuckDB {versions['duckdb']}",
+        flush=True,
+    )
+    results = {
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "commit": _git("rev-parse", "HEAD"),
+        "uncommitted_changes": bool(_git("status", "--porcelain", "--", "pipeline", "bench")),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_bytes": MEMORY_BYTES,
+            "platform": platform.platform(),
+        },  # fmt: skip
+        "versions": versions,
+        "seed": args.seed,
+        "rate": args.rate,
+        "sizes": [],
+    }
+    problems = []
+    for count in sizes:
+        with tempfile.TemporaryDirectory(prefix="bms-bench-") as scratch:
+            work = (args.work or Path(scratch)) / f"{count}"
+            shutil.rmtree(work, ignore_errors=True)
+            record, found = run_size(
+                count, engines, work=work, seed=args.seed, rate=args.rate,
+                flink_python=flink_python, max_rss_bytes=int(args.max_rss_gib * 2**30),
+            )  # fmt: skip
+        results["sizes"].append(record)
+        problems += found
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2) + b"\n")
     print()
     print(markdown(results))
     print(f"results: {target}")
-    return 0
+    for problem in problems:
+        print(f"bench: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -82,8 +82,6 @@ class EngineResult:
     usage: Usage | None
     load_before: float  # 1-minute load average when it started
     load_after: float
-    #: bms-streaming: seconds until the warehouse held every expected row.
-    caught_up_seconds: float | None = None
     error: str | None = None
 
 
@@ -121,19 +119,19 @@ def _measure(context: Context, name: str, command: list[str], **kwargs) -> Usage
     )
 
 
-def _reference(engine: str) -> Callable[[Context], tuple[int, Usage, float | None]]:
+def _reference(engine: str) -> Callable[[Context], tuple[int, Usage]]:
     def run(context: Context):
         exports = context.events.exports
         command = [sys.executable, "-m", "bench.reference", engine,
                    str(exports[BOOKING_HUB]), str(exports[PAYMENT_HUB])]  # fmt: skip
         usage = _measure(context, engine, command, env=_python_env())
         lines = (context.work / f"{engine}.log").read_text().strip().splitlines()
-        return orjson.loads(lines[-1])["rows"], usage, None
+        return orjson.loads(lines[-1])["rows"], usage
 
     return run
 
 
-def _flink(mode: str) -> Callable[[Context], tuple[int, Usage, float | None]]:
+def _flink(mode: str) -> Callable[[Context], tuple[int, Usage]]:
     def run(context: Context):
         output = context.work / f"flink-{mode}"
         shutil.rmtree(output, ignore_errors=True)
@@ -145,7 +143,7 @@ def _flink(mode: str) -> Callable[[Context], tuple[int, Usage, float | None]]:
             "--checkpoints", str(context.work / f"flink-{mode}-checkpoints"),
         ]  # fmt: skip
         usage = _measure(context, f"flink-{mode}", command, env=_flink_env())
-        return _count_sink_rows(output), usage, None
+        return _count_sink_rows(output), usage
 
     return run
 
@@ -175,7 +173,7 @@ def warehouse_rows(database: Path) -> int | None:
         connection.close()
 
 
-def _bms_run(mode: str) -> Callable[[Context], tuple[int, Usage, float | None]]:
+def _bms_run(mode: str) -> Callable[[Context], tuple[int, Usage]]:
     def run(context: Context):
         database = context.work / f"warehouse-{mode}.db"
         database.unlink(missing_ok=True)
@@ -183,7 +181,7 @@ def _bms_run(mode: str) -> Callable[[Context], tuple[int, Usage, float | None]]:
                    "--warehouse", f"sqlite:///{database}"]  # fmt: skip
         if mode == "bounded":
             usage = _measure(context, "bms-bounded", [*command, "--bounded"], env=_python_env())
-            return warehouse_rows(database), usage, None
+            return warehouse_rows(database), usage
         expected = context.expected_rows
 
         def caught_up() -> bool:
@@ -197,12 +195,12 @@ def _bms_run(mode: str) -> Callable[[Context], tuple[int, Usage, float | None]]:
         except MeasureError as error:
             written = warehouse_rows(database)
             raise BenchError(f"bms-streaming wrote {written} of {expected} rows: {error}") from None
-        return warehouse_rows(database), usage, usage.stopped_after
+        return warehouse_rows(database), usage
 
     return run
 
 
-RUNNERS: dict[str, Callable[[Context], tuple[int, Usage, float | None]]] = {
+RUNNERS: dict[str, Callable[[Context], tuple[int, Usage]]] = {
     "python": _reference("python"),
     "duckdb": _reference("duckdb"),
     "flink-streaming": _flink("streaming"),
@@ -235,14 +233,14 @@ def run_size(
         print(f"-- {name}: {ENGINES[name]} ...", flush=True)
         load_before = os.getloadavg()[0]
         try:
-            rows, usage, caught_up = RUNNERS[name](context)
+            rows, usage = RUNNERS[name](context)
         except (BenchError, MeasureError) as error:
             results[name] = EngineResult(
                 None, None, load_before, os.getloadavg()[0], error=str(error)
             )
             print(f"   FAILED: {error}", flush=True)
             continue
-        results[name] = EngineResult(rows, usage, load_before, os.getloadavg()[0], caught_up)
+        results[name] = EngineResult(rows, usage, load_before, os.getloadavg()[0])
         expected = rows if expected is None else expected
         print(
             f"   {rows:,} rows, {usage.wall_seconds:.1f} s wall, {usage.cpu_seconds:.1f} CPU-s, "
@@ -273,10 +271,10 @@ def _size_record(events: EventSet, results: dict[str, EngineResult], rows: int |
             "load_after": result.load_after,
         }
         if result.usage is not None:
-            seconds = result.caught_up_seconds or result.usage.wall_seconds
+            # bms-streaming: events over the time until the warehouse held every row (the stop).
+            seconds = result.usage.stopped_after or result.usage.wall_seconds
             record |= {
                 **asdict(result.usage),
-                "caught_up_seconds": result.caught_up_seconds,
                 "events_per_second": events.events / seconds,
                 "events_per_cpu_second": events.events / result.usage.cpu_seconds,
             }
@@ -344,8 +342,8 @@ def markdown(results: dict) -> str:
                 )
                 continue
             wall = f"{engine['wall_seconds']:.1f}"
-            if engine["caught_up_seconds"] is not None:
-                wall = f"{engine['caught_up_seconds']:.1f} (caught up), {wall} (drained)"
+            if engine["stopped_after"] is not None:
+                wall = f"{engine['stopped_after']:.1f} to all rows, {wall} drained"
             lines.append(
                 f"| {name}: {engine['description']} | {wall} "
                 f"| {_rate(engine['events_per_second'])} "

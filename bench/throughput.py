@@ -194,7 +194,7 @@ def _bms_run(mode: str) -> Callable[[Context], tuple[int, Usage]]:
             )
         except MeasureError as error:
             written = warehouse_rows(database)
-            raise BenchError(f"bms-streaming wrote {written} of {expected} rows: {error}") from None
+            raise BenchError(f"{written or 0:,} of {expected:,} rows written; {error}") from None
         return warehouse_rows(database), usage
 
     return run

@@ -2,7 +2,7 @@
 
     python -m bench.throughput                          # 200,000 and 1,000,000 events
     python -m bench.throughput --events 50000 --events 200000
-    python -m bench.throughput --quick                  # 4,000 events, a couple of minutes (CI)
+    python -m bench.throughput --quick                  # 4,000 events, about a minute (CI)
     python -m bench.throughput --table bench/results/last.json   # the README table again
 
 For each size it generates the events once with the project's producer (seeded), replays them
@@ -19,11 +19,13 @@ a process of its own, one at a time:
                    warehouse holds every expected row; then Ctrl-C (SIGINT), which drains it
 
 Each is measured as a whole process tree (``bench/measure.py``): wall time, CPU-seconds (the
-JVM, Prism and Beam's workers included) and peak RSS. Every engine must give the same number
-of fact rows, or the run fails. It prints a table per size, with events/s (for bms-streaming,
-events over the time until the last row was in the warehouse), events per CPU-second and both
-as ratios to Flink streaming, and writes everything as JSON (``--json``, default
-``bench/results/last.json``; ``--quick`` runs write ``bench/results/quick.json``).
+JVM, Prism and Beam's workers included) and peak RSS. An engine that fails, runs out of time or
+holds more than ``--max-rss-gib`` is killed and reported, and every engine that ran must give
+the same number of fact rows; otherwise the run exits 1. It prints a table per size, with
+events/s (for bms-streaming, events over the time until the last row was in the warehouse),
+events per CPU-second and both as ratios to Flink streaming, and writes everything as JSON
+(``--json``, default ``bench/results/last.json``; ``--quick`` runs write
+``bench/results/quick.json``).
 
 The machine is shared: the JSON keeps the load average around each run; compare CPU-seconds
 and ratios within one run rather than wall times across runs.

@@ -62,7 +62,8 @@ MEMORY_LIMIT = "1GB"
 _FETCH_ROWS = 100_000  # result rows moved from DuckDB to Python at a time
 _LOAD_BATCH = 100_000  # values (array elements count one each) loaded into DuckDB at a time
 
-_TIMESTAMP = "__ts"  # every step carries its events' System.Timestamp in this column
+#: Every input table and step carries its events' System.Timestamp (a TIMESTAMP) in this column.
+TIMESTAMP_COLUMN = "__ts"
 _UNITS_MICROS = {
     "MICROSECOND": 1,
     "MILLISECOND": 1_000,
@@ -230,7 +231,7 @@ class _Translator:
         if not final:
             if timestamp is None:
                 raise UnsupportedConstruct("a step without a single System.Timestamp")
-            projections.append(f"{timestamp} AS {_TIMESTAMP}")
+            projections.append(f"{timestamp} AS {TIMESTAMP_COLUMN}")
         sql = f"SELECT {', '.join(projections)} FROM {from_sql} {' '.join(joins_sql)}"
         return sql, (columns if not final else list(columns))
 
@@ -241,10 +242,10 @@ class _Translator:
         alias = table.alias or table.name
         if name in INPUTS:
             scope.input_name, scope.input_alias = name, alias.lower()
-            return f"{_quote(name)} AS {_quote(alias)}", f"{_quote(alias)}.{_TIMESTAMP}"
+            return f"{_quote(name)} AS {_quote(alias)}", f"{_quote(alias)}.{TIMESTAMP_COLUMN}"
         if name in self._steps:
             scope.steps[alias.lower()] = self._steps[name]
-            return f"{_quote(name)} AS {_quote(alias)}", f"{_quote(alias)}.{_TIMESTAMP}"
+            return f"{_quote(name)} AS {_quote(alias)}", f"{_quote(alias)}.{TIMESTAMP_COLUMN}"
         raise UnsupportedConstruct(f"unknown input or step {table.name!r}")
 
     def _join(self, join: exp.Join, scope: _Scope) -> str:
@@ -305,7 +306,7 @@ class _Translator:
                 raise UnsupportedConstruct(f"DATEDIFF bound {bound.sql('tsql')}")
             bounds.append(int(bound.this) * _UNITS_MICROS[unit])
         scope.time_bounded = True
-        elapsed = f"epoch_us({later}.{_TIMESTAMP}) - epoch_us({earlier}.{_TIMESTAMP})"
+        elapsed = f"epoch_us({later}.{TIMESTAMP_COLUMN}) - epoch_us({earlier}.{TIMESTAMP_COLUMN})"
         if not rules.JOIN_UPPER_BOUND_INCLUSIVE:
             return f"{elapsed} >= {bounds[0]} AND {elapsed} < {bounds[1]}"
         return f"{elapsed} BETWEEN {bounds[0]} AND {bounds[1]}"
@@ -554,7 +555,7 @@ class _Staged:
         self._values: list[list] = [[] for _ in columns]
         self._size = 0
         definitions = [
-            f"{_TIMESTAMP} TIMESTAMP",
+            f"{TIMESTAMP_COLUMN} TIMESTAMP",
             *(f"{c.name} {'VARCHAR[]' if c.elements else 'JSON'}" for c in columns),
         ]
         database.execute(f"CREATE TABLE {_quote(name)} ({', '.join(definitions)})")
@@ -609,6 +610,14 @@ def _load_inputs(
     return dropped
 
 
+def prepare(database: duckdb.DuckDBPyConnection) -> None:
+    """Readies a DuckDB connection to run a ``Translation``'s SQL: UTC and the ``asa_*`` macros.
+    Its input tables (one per ``INPUTS`` name) must hold ``TIMESTAMP_COLUMN`` and the columns of
+    ``Translation.inputs``, as ``evaluate`` loads them (the benchmark loads them in DuckDB)."""
+    database.execute("SET TimeZone = 'UTC'")
+    database.execute(_MACROS)
+
+
 def evaluate(events: Iterable[HubEvent], query_path: str | Path = DEFAULT_QUERY) -> Evaluation:
     """Runs the ASA query file over events (with their enqueued times) in DuckDB: the rows ASA
     would write, and the events it would drop."""
@@ -622,8 +631,7 @@ def evaluate(events: Iterable[HubEvent], query_path: str | Path = DEFAULT_QUERY)
             }
         )
         try:
-            database.execute("SET TimeZone = 'UTC'")
-            database.execute(_MACROS)
+            prepare(database)
             dropped = _load_inputs(database, events, translation.inputs)
             result = database.execute(translation.sql)
             rows: list[tuple] = []

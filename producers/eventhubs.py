@@ -43,6 +43,7 @@ from pipeline.io.hubs.eventhubs import (
     EventHubsAddress,
     is_server_busy,
 )
+from producers.publish import random_run_id
 
 #: Makes a buffered ``EventHubProducerClient`` for a hub: ``factory(hub, on_success=, on_error=)``.
 ProducerFactory = Callable[..., Any]
@@ -263,6 +264,10 @@ class EventHubsPublisher:
         return failure
 
     # ---- the caller's thread ------------------------------------------------------------------
+
+    def new_run_id(self) -> str:
+        """Event Hubs keeps no count of producer runs: five random letters and digits."""
+        return random_run_id()
 
     def _check(self) -> None:
         with self._lock:

@@ -22,8 +22,10 @@ from azure.eventhub._pyamqp.error import (  # noqa: E402
 )
 from azure.eventhub.exceptions import ConnectError, ConnectionLostError  # noqa: E402
 
+from pipeline.cli import main  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
 from pipeline.io.hubs import OutgoingEvent  # noqa: E402
+from pipeline.schema import HUBS  # noqa: E402
 from producers.eventhubs import (  # noqa: E402
     EventHubsPublisher,
     PublishError,
@@ -197,3 +199,16 @@ def test_the_retry_policy_waits_longer_for_a_busy_service():
     assert [retries.after(n, lost, 0.0, 0.0) for n in range(1, 4)] == [1, 2, None]
     assert retries.after(20, busy, 100.0, 630.0) == 60  # busy for 530 s: one more wait
     assert retries.after(20, busy, 100.0, 650.0) is None  # 550 s + 60 s would pass 600 s
+
+
+def test_bms_produce_to_event_hubs_reports_what_the_service_accepted_and_the_rate(service, capsys):
+    command = ["produce", "--to", "eventhubs", "--count", "40", "--rate", "400", "--seed", "3"]
+    assert main(command) == 0
+    held = {hub: sum(len(service.events[(hub, p)]) for p in service.partition_ids) for hub in HUBS}
+    assert sum(held.values()) == 40
+    per_hub = ", ".join(f"{hub} {count}" for hub, count in sorted(held.items()) if count)
+    assert re.search(
+        rf"^Event Hubs accepted 40 events \({per_hub}\) in [\d.]+ s, [\d.]+ events/s$",
+        capsys.readouterr().err,
+        re.MULTILINE,
+    )

@@ -535,3 +535,51 @@ def test_only_checkpoints_split_the_partition_watcher():
     tracker = source._ListingTracker(OffsetRange(2, sys.maxsize))
     assert tracker.try_split(0.5) is None  # a second watcher would only list the hub again
     assert tracker.try_split(0) == (OffsetRange(2, 2), OffsetRange(2, sys.maxsize))
+
+
+class _FailingListings:
+    """A hub client whose next ``failures`` listings of partitions fail."""
+
+    def __init__(self, client, failures: int):
+        self._client = client
+        self.failures = failures
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def partition_ids(self, hub):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("the namespace is unreachable")
+        return self._client.partition_ids(hub)
+
+
+def test_a_failed_listing_keeps_the_watermark_and_tries_again(tmp_path, monkeypatch, caplog):
+    """Listing every few seconds must not let a passing failure kill a streaming job: the
+    partitions found so far are read on, the watermark waits for a listing that succeeds, and
+    only failures for longer than LISTING_FAILURE_TIMEOUT (or at job start) fail it."""
+    with LocalHub(tmp_path / "hub.db", partitions=1) as hub:
+        assert hub.partition_ids(HUB) == ["0"]
+        fn = watcher(str(hub.path), StartPosition.earliest())
+        fn._client = _FailingListings(fn._client, failures=1)
+        with pytest.raises(ConnectionError):  # at job start: nothing to carry on with
+            watch(fn, OffsetRange(0, sys.maxsize), _new())
+        watermark = _new()
+        first = watch(fn, OffsetRange(0, sys.maxsize), watermark)
+        held = watermark.current_watermark()
+        hub.add_partitions(HUB, 2)
+        fn._client.failures = 2
+        for _ in range(2):
+            failed = watch(fn, first.deferred, watermark)
+            assert failed == Listing([], first.deferred, waits(2.0))
+            assert watermark.current_watermark() == held
+        assert "listing the partitions of hub 'bookingtopic' failed (ConnectionError" in caplog.text
+        found = watch(fn, first.deferred, watermark)
+        assert [found for found, _ in found.ranges] == [PartitionRange(HUB, "1", 0, None)]
+        assert watermark.current_watermark() > held
+        monkeypatch.setattr(source, "LISTING_FAILURE_TIMEOUT", 0.0)
+        fn._client.failures = 2
+        assert watch(fn, found.deferred, watermark).ranges == []  # the first failure: carry on
+        time.sleep(0.01)
+        with pytest.raises(ConnectionError):
+            watch(fn, found.deferred, watermark)

@@ -45,6 +45,7 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
 from pipeline import metrics
+from pipeline.errors import UsageError
 from pipeline.io.hubs import checkpoint_scope, open_hub
 from pipeline.io.hubs.base import HubClient
 from pipeline.io.hubs.checkpoints import open_checkpoint_store, resume_positions
@@ -68,6 +69,9 @@ END_CHECK_INTERVAL = 5.0
 MAX_EVENTS_PER_SECOND = 1_000_000
 #: Seconds between listings of a hub's partitions in a streaming job: how soon a new one is read.
 PARTITION_LISTING_INTERVAL = 5.0
+#: Seconds listings may keep failing (the partitions found are read on meanwhile) before the job
+#: fails; the first listing, at job start, fails it at once.
+LISTING_FAILURE_TIMEOUT = 600.0
 _LOG = logging.getLogger(__name__)
 
 
@@ -192,6 +196,7 @@ class _WatchPartitions(beam.DoFn):
         self._interval = Duration.of(interval)
         self._idle_allowance_micros = int(idle_allowance * 1_000_000)
         self._client = None
+        self._failing_since: float | None = None  # time.monotonic() of the first failed listing
 
     def setup(self):
         self._client = open_hub(self._hub_url)
@@ -212,29 +217,57 @@ class _WatchPartitions(beam.DoFn):
             tracker.try_claim(tracker.current_restriction().stop)
             return
         listed_at = time.time_ns() // 1_000
-        partitions = _in_order(self._client.partition_ids(hub))[emitted:]
-        if partitions:
-            since = watermark.current_watermark()  # None at the first listing: from the start
-            # A partition found later was made after the job started: read it from its first
-            # event, also when the job started at the latest ones.
-            start = (
-                EARLIEST_START if since is not None and self._start.kind == LATEST else self._start
-            )
-            ranges = _partition_ranges(
-                self._client, self._hub_url, hub, partitions, start, self._checkpoints, False
-            )
-            for index, partition_range in enumerate(ranges, start=emitted):
-                if not tracker.try_claim(index):
-                    return
-                if since is not None:
-                    _LOG.info("hub %r has a new partition %s", hub, partition_range.partition)
-                    partition_range = beam.window.TimestampedValue(partition_range, since)
-                yield partition_range
+        since = watermark.current_watermark()  # None at the first listing: from the start
+        try:
+            ranges = self._new_partitions(hub, emitted, since is not None)
+        except Exception as error:
+            if since is None or not self._listing_failed(hub, error):
+                raise
+            tracker.defer_remainder(self._interval)  # the watermark waits for the next listing
+            return
+        self._failing_since = None
+        for index, partition_range in enumerate(ranges, start=emitted):
+            if not tracker.try_claim(index):
+                return
+            if since is not None:
+                _LOG.info("hub %r has a new partition %s", hub, partition_range.partition)
+                partition_range = beam.window.TimestampedValue(partition_range, since)
+            yield partition_range
         held = Timestamp(micros=listed_at - self._idle_allowance_micros)
         current = watermark.current_watermark()
         if current is None or current < held:
             watermark.set_watermark(held)
         tracker.defer_remainder(self._interval)
+
+    def _new_partitions(self, hub: str, emitted: int, later: bool) -> list[PartitionRange]:
+        """The ranges of the hub's partitions after the first ``emitted``; ``later``: after the
+        first listing, when a partition found was made after the job started, so it is read from
+        its first event even when the job started at the latest ones."""
+        partitions = _in_order(self._client.partition_ids(hub))[emitted:]
+        if not partitions:
+            return []
+        start = EARLIEST_START if later and self._start.kind == LATEST else self._start
+        return _partition_ranges(
+            self._client, self._hub_url, hub, partitions, start, self._checkpoints, False
+        )
+
+    def _listing_failed(self, hub: str, error: Exception) -> bool:
+        """Whether to carry on after a listing failed (the partitions found so far are read on,
+        and the next listing tries again), for up to ``LISTING_FAILURE_TIMEOUT`` seconds."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if isinstance(error, UsageError) or now - self._failing_since > LISTING_FAILURE_TIMEOUT:
+            return False
+        _LOG.warning(
+            "listing the partitions of hub %r failed (%s: %s): trying again in %g s; the "
+            "watermark waits until a listing succeeds",
+            hub,
+            type(error).__name__,
+            error,
+            self._interval.micros / 1e6,
+        )
+        return True
 
 
 class _SequenceRangeProvider(RestrictionProvider):

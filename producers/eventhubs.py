@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any, NamedTuple, TextIO
 
+import tenacity
+
 from pipeline.errors import UsageError
 from pipeline.io.azure import import_extra, is_credential_error
 from pipeline.io.hubs import OutgoingEvent
@@ -41,6 +43,7 @@ from pipeline.io.hubs.eventhubs import (
     EventHubsAddress,
     is_server_busy,
 )
+from producers.publish import random_run_id
 
 #: Makes a buffered ``EventHubProducerClient`` for a hub: ``factory(hub, on_success=, on_error=)``.
 ProducerFactory = Callable[..., Any]
@@ -87,6 +90,60 @@ class PublishError(RuntimeError):
     """Events could not be published even after retrying."""
 
 
+class SendRetries:
+    """How the publisher retries a transient failure, as tenacity strategies: a busy service
+    (``com.microsoft:server-busy``) is waited out longer, from ``busy_backoff[0]`` doubling up to
+    ``busy_backoff[1]``, for up to ``busy_timeout`` seconds; any other transient failure is tried
+    ``attempts`` times in all, ``backoff`` seconds apart at first, doubling.
+
+    ``Retrying`` drives it around a hand-over on the caller's thread; ``after`` applies it to a
+    batch the SDK reports failed from its own thread, where there is no call to wrap.
+    """
+
+    def __init__(
+        self,
+        attempts: int,
+        backoff: float,
+        busy_backoff: tuple[float, float],
+        busy_timeout: float,
+    ):
+        self._busy_wait = tenacity.wait_exponential(multiplier=busy_backoff[0], max=busy_backoff[1])
+        self._busy_stop = tenacity.stop_before_delay(busy_timeout)
+        self._wait = tenacity.wait_exponential(multiplier=backoff)
+        self._stop = tenacity.stop_after_attempt(attempts)
+
+    @staticmethod
+    def _busy(state: tenacity.RetryCallState) -> bool:
+        return is_server_busy(state.outcome.exception())
+
+    def wait(self, state: tenacity.RetryCallState) -> float:
+        return (self._busy_wait if self._busy(state) else self._wait)(state)
+
+    def stop(self, state: tenacity.RetryCallState) -> bool:
+        return (self._busy_stop if self._busy(state) else self._stop)(state)
+
+    def retrying(self, sleep: Callable[[float], None]) -> tenacity.Retrying:
+        """Retries of a call while its failures are transient; the last failure is raised."""
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_transient),
+            wait=self.wait,
+            stop=self.stop,
+            sleep=sleep,
+            reraise=True,
+        )
+
+    def after(self, attempt: int, error: BaseException, since: float, now: float) -> float | None:
+        """Seconds to wait before trying again after the ``attempt``-th try failed with a
+        transient ``error`` at ``now``, the failures having begun at ``since`` (clock seconds);
+        None to give up."""
+        state = tenacity.RetryCallState(None, None, (), {})
+        state.attempt_number = attempt
+        state.set_exception((type(error), error, error.__traceback__))
+        state.start_time, state.outcome_timestamp = since, now
+        state.upcoming_sleep = self.wait(state)
+        return None if self.stop(state) else state.upcoming_sleep
+
+
 class _Retry(NamedTuple):
     """Events of a failed batch, to send again to their partition at ``due``. Each event knows
     how often it was tried (``_bms_attempts``) and since when the service is busy for it."""
@@ -128,16 +185,13 @@ class EventHubsPublisher:
         if attempts < 1:
             raise ValueError(f"attempts must be at least 1, got {attempts}")
         self._factory = producer_factory or partial(producer_client, address)
-        self._attempts = attempts
-        self._backoff = backoff
-        self._busy_backoff = busy_backoff
-        self._busy_timeout = busy_timeout
+        self._retries = SendRetries(attempts, backoff, busy_backoff, busy_timeout)
         self._report = report
         self._sleep = sleep
         self._clock = clock
         self._producers: dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._retries: list[_Retry] = []
+        self._failed_batches: list[_Retry] = []
         self._failure: BaseException | None = None
         self._started: float | None = None
         self._last_accepted: float | None = None
@@ -173,27 +227,23 @@ class EventHubsPublisher:
         attempt = 1 + max((getattr(event, "_bms_attempts", 0) for event in events), default=0)
         busy = is_server_busy(error)
         since = [getattr(event, "_bms_busy_since", None) for event in events]
-        busy_since = min((t for t in since if t is not None), default=now if busy else None)
+        busy_since = min((t for t in since if t is not None), default=now) if busy else None
         with self._lock:
             if is_credential_error(error):
                 self._give_up(hub, events, UsageError(self._refused(hub, error)))
                 return
-            if not _is_transient(error):
-                self._give_up(hub, events, self._error(hub, attempt, error))
-                return
-            if busy:
-                delay = min(self._busy_backoff[0] * 2 ** (attempt - 1), self._busy_backoff[1])
-                give_up = now - busy_since + delay > self._busy_timeout
-            else:
-                delay = self._backoff * 2 ** (attempt - 1)
-                give_up = attempt >= self._attempts
-            if give_up:
+            delay = None
+            if _is_transient(error):
+                delay = self._retries.after(
+                    attempt, error, now if busy_since is None else busy_since, now
+                )
+            if delay is None:
                 self._give_up(hub, events, self._error(hub, attempt, error))
                 return
             for event in events:
                 event._bms_attempts = attempt
-                event._bms_busy_since = busy_since if busy else None
-            self._retries.append(_Retry(now + delay, hub, partition, list(events)))
+                event._bms_busy_since = busy_since
+            self._failed_batches.append(_Retry(now + delay, hub, partition, list(events)))
 
     def _give_up(self, hub: str, events: list, error: BaseException) -> None:
         self.failed[hub] += len(events)
@@ -215,6 +265,10 @@ class EventHubsPublisher:
 
     # ---- the caller's thread ------------------------------------------------------------------
 
+    def new_run_id(self) -> str:
+        """Event Hubs keeps no count of producer runs: five random letters and digits."""
+        return random_run_id()
+
     def _check(self) -> None:
         with self._lock:
             failure = self._failure
@@ -226,8 +280,8 @@ class EventHubsPublisher:
         callbacks: those run under the buffered producer's locks)."""
         now = self._clock() if now is None else now
         with self._lock:
-            due = [retry for retry in self._retries if retry.due <= now]
-            self._retries = [retry for retry in self._retries if retry.due > now]
+            due = [retry for retry in self._failed_batches if retry.due <= now]
+            self._failed_batches = [retry for retry in self._failed_batches if retry.due > now]
         for retry in due:
             producer = self._producer(retry.hub)
             where = {"partition_id": retry.partition} if retry.partition is not None else {}
@@ -237,29 +291,17 @@ class EventHubsPublisher:
 
     def _enqueue(self, hub: str, action: Callable[[], Any]) -> None:
         """Hands events to the SDK. The first hand-over of a hub opens a link (partition ids, the
-        message size limit) and can fail like a send: retried the same way, here."""
-        attempt, busy_since = 1, None
-        while True:
-            try:
-                action()
-                return
-            except ValueError:
-                raise
-            except Exception as error:
-                if is_credential_error(error):
-                    raise UsageError(self._refused(hub, error)) from None
-                now = self._clock()
-                if is_server_busy(error):
-                    busy_since = now if busy_since is None else busy_since
-                    delay = min(self._busy_backoff[0] * 2 ** (attempt - 1), self._busy_backoff[1])
-                    give_up = now - busy_since + delay > self._busy_timeout
-                else:
-                    delay = self._backoff * 2 ** (attempt - 1)
-                    give_up = attempt >= self._attempts
-                if give_up or not _is_transient(error):
-                    raise self._error(hub, attempt, error) from error
-                self._sleep(delay)
-                attempt += 1
+        message size limit) and can fail like a send: retried the same way (``SendRetries``),
+        here. A ValueError (an event too large for a message) is raised as it is."""
+        retrying = self._retries.retrying(lambda seconds: self._sleep(seconds))
+        try:
+            retrying(action)
+        except ValueError:
+            raise
+        except Exception as error:
+            if is_credential_error(error):
+                raise UsageError(self._refused(hub, error)) from None
+            raise self._error(hub, retrying.statistics["attempt_number"], error) from error
 
     def send(self, hub: str, events: Sequence[OutgoingEvent]) -> None:
         """Hands the events to the SDK's buffer (it sends them in the background); raises
@@ -291,7 +333,7 @@ class EventHubsPublisher:
             for producer in list(self._producers.values()):
                 producer.flush()
             with self._lock:
-                due = min((retry.due for retry in self._retries), default=None)
+                due = min((retry.due for retry in self._failed_batches), default=None)
             if due is None:
                 break
             wait = due - self._clock()

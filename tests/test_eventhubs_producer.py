@@ -15,11 +15,23 @@ pytest.importorskip("azure.eventhub")
 from azure.eventhub._buffered_producer._partition_resolver import (  # noqa: E402
     PartitionResolver,
 )
-from azure.eventhub._pyamqp.error import AuthenticationException, ErrorCondition  # noqa: E402
+from azure.eventhub._pyamqp.error import (  # noqa: E402
+    AMQPLinkError,
+    AuthenticationException,
+    ErrorCondition,
+)
+from azure.eventhub.exceptions import ConnectError, ConnectionLostError  # noqa: E402
 
+from pipeline.cli import main  # noqa: E402
 from pipeline.errors import UsageError  # noqa: E402
 from pipeline.io.hubs import OutgoingEvent  # noqa: E402
-from producers.eventhubs import EventHubsPublisher, PublishError, producer_client  # noqa: E402
+from pipeline.schema import HUBS  # noqa: E402
+from producers.eventhubs import (  # noqa: E402
+    EventHubsPublisher,
+    PublishError,
+    SendRetries,
+    producer_client,
+)
 from tests.test_eventhubs_sdk import ADDRESS, HUB, SERVER_BUSY, FakeEventHubs, install  # noqa: E402
 
 
@@ -157,3 +169,46 @@ def test_refused_credentials_say_what_to_do(service):
     with pytest.raises(UsageError, match="refused to publish to bookingtopic.*az login"):
         sender.send(HUB, [OutgoingEvent("o1", b"x")])
     sender.close()
+
+
+def test_the_first_hand_over_waits_out_a_busy_service_longer_than_other_failures(service):
+    """The first event handed over for a hub makes the SDK ask for its partitions, which can fail
+    like a send: a busy service is waited out (its own backoff, for up to the busy timeout)
+    even when other failures get one attempt only; a lost link is tried ``attempts`` times."""
+    sleeps = []
+    service.management_faults = [SERVER_BUSY] * 3
+    sender = publisher(attempts=1, sleep=sleeps.append)
+    sender.send(HUB, [OutgoingEvent("o1", b"x")])
+    sender.close()
+    assert sleeps == [0.05, 0.1, 0.1] and sender.sent == {HUB: 1}
+
+    sleeps.clear()
+    service.management_faults = [ErrorCondition.LinkDetachForced] * 5
+    sender = publisher(attempts=2, sleep=sleeps.append)
+    with pytest.raises(PublishError, match="failed after 2 attempt"):
+        sender.send(HUB, [OutgoingEvent("o1", b"x")])
+    sender.close()
+    assert sleeps == [0.01] and len(service.management_faults) == 3
+
+
+def test_the_retry_policy_waits_longer_for_a_busy_service():
+    retries = SendRetries(attempts=3, backoff=1.0, busy_backoff=(4.0, 60.0), busy_timeout=600.0)
+    busy = ConnectError("busy", AMQPLinkError(SERVER_BUSY, description="busy"))
+    lost = ConnectionLostError("lost")
+    assert [retries.after(n, busy, 0.0, 0.0) for n in range(1, 7)] == [4, 8, 16, 32, 60, 60]
+    assert [retries.after(n, lost, 0.0, 0.0) for n in range(1, 4)] == [1, 2, None]
+    assert retries.after(20, busy, 100.0, 630.0) == 60  # busy for 530 s: one more wait
+    assert retries.after(20, busy, 100.0, 650.0) is None  # 550 s + 60 s would pass 600 s
+
+
+def test_bms_produce_to_event_hubs_reports_what_the_service_accepted_and_the_rate(service, capsys):
+    command = ["produce", "--to", "eventhubs", "--count", "40", "--rate", "400", "--seed", "3"]
+    assert main(command) == 0
+    held = {hub: sum(len(service.events[(hub, p)]) for p in service.partition_ids) for hub in HUBS}
+    assert sum(held.values()) == 40
+    per_hub = ", ".join(f"{hub} {count}" for hub, count in sorted(held.items()) if count)
+    assert re.search(
+        rf"^Event Hubs accepted 40 events \({per_hub}\) in [\d.]+ s, [\d.]+ events/s$",
+        capsys.readouterr().err,
+        re.MULTILINE,
+    )

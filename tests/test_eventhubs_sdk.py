@@ -58,7 +58,13 @@ from pipeline.io.hubs.eventhubs import (  # noqa: E402
 )
 from pipeline.io.hubs.positions import StartPosition, first_sequence_number  # noqa: E402
 from pipeline.io.hubs.progress import PositionMark  # noqa: E402
-from pipeline.io.hubs.source import PartitionRange, _ReadPartitionFn, _ReadPartitionUnboundedFn  # noqa: E402
+from pipeline.io.hubs.source import (  # noqa: E402
+    PartitionRange,
+    _ReadPartitionFn,
+    _ReadPartitionUnboundedFn,
+    _WatchPartitions,
+)
+from tests.test_source import watch  # noqa: E402
 
 NAMESPACE = "fake.servicebus.windows.net"
 CONNECTION_STRING = f"Endpoint=sb://{NAMESPACE}/;SharedAccessKeyName=k;SharedAccessKey=s"
@@ -155,6 +161,14 @@ class FakeEventHubs:
         sequence = log[-1].sequence_number + 1 if log else 0
         offset = log[-1].offset + 37 + len(log[-1].body) * 3 if log else 4096
         log.append(Stored(sequence, offset, int(time.time() * 1000), key, body))
+
+    def add_partitions(self, count: int) -> None:
+        """Grows every hub to ``count`` partitions, as Premium and Dedicated namespaces allow."""
+        with self.changed:
+            for partition in map(str, range(len(self.partition_ids), count)):
+                self.partition_ids.append(partition)
+                for hub in self.hubs:
+                    self.events[(hub, partition)] = []
 
     def expire(self, hub: str, partition: str, before: int) -> None:
         with self.changed:
@@ -560,6 +574,70 @@ def test_a_caught_up_reader_does_not_poll_partition_properties(service):
         assert all(attach["tracking"] for attach in service.attaches)
     finally:
         client.close()
+
+
+def test_caught_up_pieces_and_pieces_beyond_the_end_ask_the_service_nothing_but_reads(service):
+    """Failure mode 6: a caught-up partition asked for its properties up to once a second, and so
+    did every piece of its open range split off beyond its end. Now where the partition ends
+    comes with the events (the last-enqueued properties): the reading piece asks nothing, and
+    the piece beyond the end asks once, since the partition cannot reach it for ages."""
+    service.append(HUB, "0", 5)
+    fn = read_fn(False, EventHubsClient(ADDRESS, sdk_client(), idle_wait=0.05))
+    element = PartitionRange(HUB, "0", 0, None)
+    tracker = OffsetRestrictionTracker(OffsetRange(0, sys.maxsize))
+    _, residual = tracker.try_split(0.5)  # the runner splits the open range: [2**62, ...) left
+    offsets = {stored.sequence_number: str(stored.offset) for stored in service.events[(HUB, "0")]}
+    try:
+        events, marks, piece = drive(fn, element, tracker)
+        # The reader's start asked where the partition ends (the client knew nothing yet).
+        assert service.management["com.microsoft:partition"] == 1
+        # Caught up: the event's mark, then the one saying the partition's time moves on.
+        assert [(mark.sequence_number, mark.offset) for mark in marks] == [(4, offsets[4])] * 2
+        seen = [event.sequence_number for event in events]
+        started, calls = time.monotonic(), 0
+        while time.monotonic() - started < 2.5 or len(seen) < 7:
+            events, marks, piece = drive(fn, element, OffsetRestrictionTracker(piece))
+            seen += [event.sequence_number for event in events]
+            assert drive(fn, element, OffsetRestrictionTracker(residual)) == ([], [], residual)
+            calls += 1
+            if calls == 10:
+                service.append(HUB, "0", 2)
+                offsets = {s.sequence_number: str(s.offset) for s in service.events[(HUB, "0")]}
+        assert marks[-1].sequence_number == 6 and marks[-1].offset == offsets[6]
+    finally:
+        fn.teardown()
+    assert seen == list(range(7)) and calls > 20
+    assert service.management["com.microsoft:partition"] == 2  # the far piece asked once
+
+
+def test_a_streaming_read_finds_a_partition_added_to_the_namespace(service):
+    """Failure mode 6, partitions listed once: an Event Hubs Premium or Dedicated namespace can
+    add partitions to a hub; the watcher lists them again, one management request per listing,
+    and emits the new one from its first event."""
+    service.append(HUB, "0", 3)
+    fn = _WatchPartitions(URL, StartPosition.latest(), None, interval=1.0, idle_allowance=5.0)
+    fn.setup()
+    try:
+        watermark = ManualWatermarkEstimator(None)
+        first = watch(fn, OffsetRange(0, sys.maxsize), watermark)
+        assert [found for found, _ in first.ranges] == [
+            PartitionRange(HUB, "0", 3, None),
+            PartitionRange(HUB, "1", 0, None),
+        ]
+        listings = service.management["com.microsoft:eventhub"]
+        properties = service.management["com.microsoft:partition"]
+        again = watch(fn, first.deferred, ManualWatermarkEstimator(watermark.current_watermark()))
+        assert again.ranges == [] and again.deferred == OffsetRange(2, sys.maxsize)
+        assert service.management["com.microsoft:eventhub"] == listings + 1
+        assert service.management["com.microsoft:partition"] == properties
+        listed = watermark.current_watermark()
+        service.add_partitions(3)
+        service.append(HUB, "2", 2)
+        found = watch(fn, again.deferred, watermark)
+        assert found.ranges == [(PartitionRange(HUB, "2", 0, None), listed.micros)]
+        assert found.deferred == OffsetRange(3, sys.maxsize)
+    finally:
+        fn.teardown()
 
 
 # ---- 3. epochs, the 5-reader limit, idle readers, one credential -----------------------------

@@ -266,3 +266,19 @@ def test_a_typo_in_an_action_s_option_gets_a_suggestion(source, capsys):
         main(["hub", "ls", "--hub", str(source), "--hubname", PAYMENT_HUB])
     assert raised.value.code == 2
     assert "unknown option --hubname; did you mean --hub-name?" in capsys.readouterr().err
+
+
+def test_hub_grow_adds_partitions_to_a_local_hub_and_never_removes_any(source, capsys):
+    grow = ["hub", "grow", "--hub", str(source), "--hub-name", BOOKING_HUB]
+    assert main([*grow, "--partition-count", "6"]) == 0
+    assert capsys.readouterr().out == f"{BOOKING_HUB} in {source}: 4 partitions, now 6\n"
+    with LocalHub(source) as hub:
+        assert hub.partition_ids(BOOKING_HUB) == ["0", "1", "2", "3", "4", "5"]
+        assert len(hub.partition_ids(PAYMENT_HUB)) == 4
+    assert main([*grow, "--partition-count", "2"]) == 2
+    assert "has 6 partitions: none can be removed" in capsys.readouterr().err
+    assert main(grow) == 2
+    assert "--partition-count" in capsys.readouterr().err
+    assert main(["hub", "grow", "--hub", "eventhubs://ns", "--hub-name", BOOKING_HUB,
+                 "--partition-count", "8"]) == 2  # fmt: skip
+    assert "az eventhubs eventhub update --partition-count" in capsys.readouterr().err

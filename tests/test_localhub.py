@@ -116,6 +116,28 @@ def test_a_hub_keeps_its_partition_count(tmp_path):
         assert len(hub.partition_ids("paymentstopic")) == 8
 
 
+def test_partitions_can_be_added_but_not_removed_and_every_process_sees_them(tmp_path):
+    """As on Event Hubs Premium and Dedicated: a producer and a reader that opened the hub before
+    partitions were added see them at their next call; keys hash over the new count."""
+    with (
+        LocalHub(tmp_path / "hub.db", partitions=2) as producer,
+        LocalHub(tmp_path / "hub.db") as reader,
+    ):
+        producer.append("bookingtopic", events(["a"]))
+        assert reader.partition_ids("bookingtopic") == ["0", "1"]
+        with LocalHub(tmp_path / "hub.db") as admin:
+            admin.add_partitions("bookingtopic", 5)
+            with pytest.raises(ValueError, match="has 5 partitions: none can be removed"):
+                admin.add_partitions("bookingtopic", 3)
+        assert reader.partition_ids("bookingtopic") == ["0", "1", "2", "3", "4"]
+        keys = [f"order_{n}" for n in range(40)]
+        placed = producer.append("bookingtopic", events(keys))
+        assert [int(partition) for partition, _ in placed] == [
+            partition_for_key(key, 5) for key in keys
+        ]
+        assert reader.known_end("bookingtopic", "4") == sum(p == "4" for p, _ in placed) > 0
+
+
 def test_keyless_events_spread_over_partitions(tmp_path):
     with LocalHub(tmp_path / "hub.db") as hub:
         placed = hub.append("bookingtopic", events([None] * 8))

@@ -25,7 +25,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms.window import TimestampedValue
 
 from pipeline.io.hubs import OutgoingEvent, progress, source
-from pipeline.io.hubs.local import LocalHub
+from pipeline.io.hubs.local import LocalHub, partition_for_key
+from pipeline.io.hubs.positions import StartPosition
 from pipeline.io.hubs.progress import PositionMark
 from pipeline.io.hubs.source import (
     PartitionRange,
@@ -203,8 +204,7 @@ def test_a_residual_split_off_near_the_end_reads_once_the_partition_reaches_it(h
     piece = OffsetRange(8, sys.maxsize)
     waiting = drive(fn, OPEN, OffsetRestrictionTracker(piece), _new())
     assert waiting == Call([], [], piece, waits(POLL)) and fn._client.reads == []
-    append(hub, 5, 6)
-    time.sleep(1.0)  # the partition's end is asked again at most once a second
+    append(hub, 5, 6)  # the local hub knows its end exactly: no wait to find it reached
     read = drive(fn, OPEN, OffsetRestrictionTracker(piece), _new())
     assert read.sequence_numbers == [8, 9, 10] and fn._client.reads[0] == 8
 
@@ -311,6 +311,9 @@ class _Retention:
             return properties
         last = max(properties.last_sequence_number, self._first - 1)
         return properties._replace(first_sequence_number=self._first, last_sequence_number=last)
+
+    def known_end(self, hub, partition):
+        return self.partition_properties(hub, partition).last_sequence_number + 1
 
     def read(self, hub, partition, from_sequence_number, max_events):
         self.reads += 1
@@ -455,3 +458,128 @@ def test_a_pause_during_a_long_read_stops_it_after_the_batch_in_hand(hub):
     rest = drive(fn, element, OffsetRestrictionTracker(paused.deferred), resumed(watermark))
     assert rest.sequence_numbers == [3, 4, 5, 6, 7, 8, 9]
     assert rest.marks[-1] == PositionMark(HUB, "0", 9, T0 + 9 * SECOND, True)
+
+
+# ---- 4. partitions added while a streaming job runs ------------------------------------------
+
+
+class Listing(NamedTuple):
+    """What one call of the partition watcher did."""
+
+    ranges: list[tuple[PartitionRange, int | None]]  # with their timestamps (µs) if set
+    deferred: OffsetRange | None
+    delay: float | None
+
+
+def watcher(hub_url: str, start: StartPosition, interval: float = 2.0):
+    fn = source._WatchPartitions(hub_url, start, None, interval, idle_allowance=5.0)
+    fn.setup()
+    _CLIENTS.append(fn._client)
+    return fn
+
+
+def watch(fn, restriction: OffsetRange, watermark: ManualWatermarkEstimator) -> Listing:
+    """One call of the partition watcher as a runner makes it."""
+    threadsafe = ThreadsafeRestrictionTracker(source._ListingTracker(restriction))
+    outputs = list(fn.process(HUB, RestrictionTrackerView(threadsafe), watermark))
+    threadsafe.check_done()
+    ranges = [
+        (out.value, out.timestamp.micros) if isinstance(out, TimestampedValue) else (out, None)
+        for out in outputs
+    ]
+    status = threadsafe.deferred_status()
+    deferred, delay = status if status else (None, None)
+    return Listing(ranges, deferred, None if delay is None else delay.micros / 1e6)
+
+
+def key_in_partition(partition: int, partitions: int) -> str:
+    return next(f"o{n}" for n in range(1000) if partition_for_key(f"o{n}", partitions) == partition)
+
+
+def test_a_streaming_read_finds_a_partition_added_while_it_runs(tmp_path):
+    """Failure mode 6: partitions were listed once, at job start. Now a streaming job lists them
+    every few seconds and reads a new one from its first event (also when it started at the
+    latest events: the partition is younger than the job), emitted at the time of the listing
+    before, behind which the watcher held the watermark: its events are not late."""
+    with LocalHub(tmp_path / "hub.db", partitions=2) as hub:
+        hub.append(HUB, [OutgoingEvent(None, b"x", T0)] * 4)  # two in each partition
+        fn = watcher(str(hub.path), StartPosition.latest())
+        watermark = _new()
+        before = time.time_ns() // 1_000
+        first = watch(fn, OffsetRange(0, sys.maxsize), watermark)
+        assert first.ranges == [
+            (PartitionRange(HUB, "0", 2, None), None),  # the latest: after what they hold
+            (PartitionRange(HUB, "1", 2, None), None),
+        ]
+        assert first.deferred == OffsetRange(2, sys.maxsize) and first.delay == waits(2.0)
+        held = watermark.current_watermark().micros
+        assert before - 5 * SECOND <= held <= time.time_ns() // 1_000 - 5 * SECOND
+
+        same = watch(fn, first.deferred, resumed(watermark))
+        assert same == Listing([], first.deferred, waits(2.0))
+        listed = watermark.current_watermark().micros  # the listing before the one that finds it
+        assert listed >= held
+
+        hub.add_partitions(HUB, 3)
+        hub.append(HUB, [OutgoingEvent(key_in_partition(2, 3), b"new")])
+        found = watch(fn, same.deferred, resumed(watermark))
+        assert found.ranges == [(PartitionRange(HUB, "2", 0, None), listed)]
+        assert found.deferred == OffsetRange(3, sys.maxsize)
+        assert watermark.current_watermark().micros >= listed
+
+        progress.request_drain()  # a drain ends the watch
+        assert watch(fn, found.deferred, resumed(watermark)) == Listing([], None, None)
+
+
+def test_only_checkpoints_split_the_partition_watcher():
+    tracker = source._ListingTracker(OffsetRange(2, sys.maxsize))
+    assert tracker.try_split(0.5) is None  # a second watcher would only list the hub again
+    assert tracker.try_split(0) == (OffsetRange(2, 2), OffsetRange(2, sys.maxsize))
+
+
+class _FailingListings:
+    """A hub client whose next ``failures`` listings of partitions fail."""
+
+    def __init__(self, client, failures: int):
+        self._client = client
+        self.failures = failures
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    def partition_ids(self, hub):
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("the namespace is unreachable")
+        return self._client.partition_ids(hub)
+
+
+def test_a_failed_listing_keeps_the_watermark_and_tries_again(tmp_path, monkeypatch, caplog):
+    """Listing every few seconds must not let a passing failure kill a streaming job: the
+    partitions found so far are read on, the watermark waits for a listing that succeeds, and
+    only failures for longer than LISTING_FAILURE_TIMEOUT (or at job start) fail it."""
+    with LocalHub(tmp_path / "hub.db", partitions=1) as hub:
+        assert hub.partition_ids(HUB) == ["0"]
+        fn = watcher(str(hub.path), StartPosition.earliest())
+        fn._client = _FailingListings(fn._client, failures=1)
+        with pytest.raises(ConnectionError):  # at job start: nothing to carry on with
+            watch(fn, OffsetRange(0, sys.maxsize), _new())
+        watermark = _new()
+        first = watch(fn, OffsetRange(0, sys.maxsize), watermark)
+        held = watermark.current_watermark()
+        hub.add_partitions(HUB, 2)
+        fn._client.failures = 2
+        for _ in range(2):
+            failed = watch(fn, first.deferred, watermark)
+            assert failed == Listing([], first.deferred, waits(2.0))
+            assert watermark.current_watermark() == held
+        assert "listing the partitions of hub 'bookingtopic' failed (ConnectionError" in caplog.text
+        found = watch(fn, first.deferred, watermark)
+        assert [found for found, _ in found.ranges] == [PartitionRange(HUB, "1", 0, None)]
+        assert watermark.current_watermark() > held
+        monkeypatch.setattr(source, "LISTING_FAILURE_TIMEOUT", 0.0)
+        fn._client.failures = 2
+        assert watch(fn, found.deferred, watermark).ranges == []  # the first failure: carry on
+        time.sleep(0.01)
+        with pytest.raises(ConnectionError):
+            watch(fn, found.deferred, watermark)

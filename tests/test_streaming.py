@@ -5,6 +5,9 @@ Rows must reach the warehouse while the producer is still publishing. The job is
 Once the producer has stopped and every join window has closed, the warehouse must equal the
 ASA query evaluated over everything in the hub: no row missing, none twice. Also prints
 event-to-row latency.
+
+And the source alone, streaming on Prism: a partition added to the local hub while it runs is
+read, and its events are not late.
 """
 
 from __future__ import annotations
@@ -13,21 +16,26 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
+import apache_beam as beam
 import pytest
 import sqlalchemy as sa
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.transforms.window import FixedWindows
 
 from pipeline import runners
-from pipeline.io.hubs import checkpoint_scope, read_all
-from pipeline.io.hubs.base import OutgoingEvent
+from pipeline.io.hubs import OutgoingEvent, checkpoint_scope, progress, read_all
 from pipeline.io.hubs.checkpoints import FileCheckpointStore
 from pipeline.io.hubs.local import LocalHub, partition_for_key
+from pipeline.io.hubs.source import ReadFromHub
 from pipeline.io.warehouses import read_facts
 from pipeline.parity.evaluator import evaluate
 from pipeline.schema import FACT_COLUMN_NAMES, HUBS, datetime_to_micros
 from tests.conftest import missing, produce_into
+from tests.test_source import key_in_partition
 
 pytestmark = pytest.mark.slow
 
@@ -200,3 +208,80 @@ def test_a_backlog_read_unevenly_across_partitions_loses_no_row(tmp_path):
             time.sleep(1)
         stop(job, log_path)
     assert Counter(read_facts(warehouse)) == expected
+
+
+_GROUPED: list[tuple[str, int]] = []  # (partition, sequence number) out of a GroupByKey
+
+
+def _record_grouped(group: tuple[str, list[int]]) -> None:
+    """Runs in this process (LOOPBACK workers), by reference: a pickled list would be a copy."""
+    _GROUPED.extend((group[0], n) for n in group[1])
+
+
+def _wait_until(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_a_partition_added_to_the_local_hub_while_streaming_is_read_and_not_late(tmp_path):
+    """On Prism, streaming: the hub gets a second partition while the source reads the first,
+    and events in it at once. The source lists partitions every 3 s, so the new one is found up
+    to 3 s after its events came, while the first partition's watermark trails wall-clock time
+    by 0.2 s: without the watcher's hold on the watermark those events would be late, and the
+    GroupByKey over 1 s windows would drop them. Drained once everything came through."""
+    try:
+        prism = runners.prism_binary()
+    except runners.RunnerNotInstalled as error:
+        missing(str(error))
+    hub_name = HUBS[0]
+    path = tmp_path / "hub.db"
+    with LocalHub(path, partitions=1) as hub:
+        hub.append(hub_name, [OutgoingEvent("a", b"first")])
+    _GROUPED.clear()
+    progress.reset_drain()
+    found: dict[str, bool] = {}
+
+    def add_a_partition():
+        found["first"] = _wait_until(lambda: ("0", 0) in _GROUPED, 60)
+        with LocalHub(path) as hub:
+            hub.add_partitions(hub_name, 2)
+            key = key_in_partition(1, 2)
+            hub.append(hub_name, [OutgoingEvent(key, b"new %d" % n) for n in range(3)])
+        found["new"] = _wait_until(lambda: {("1", n) for n in range(3)} <= set(_GROUPED), 30)
+        progress.request_drain()
+
+    admin = threading.Thread(target=add_a_partition, daemon=True)
+    admin.start()
+    options = PipelineOptions(
+        streaming=True,
+        runner="pipeline.prism.PrismRunner",
+        prism_location=prism,
+        environment_type="LOOPBACK",
+    )
+    try:
+        with beam.Pipeline(options=options) as pipeline:
+            _ = (
+                pipeline
+                | ReadFromHub(
+                    str(path),
+                    hub_name,
+                    bounded=False,
+                    poll_interval=0.1,
+                    idle_allowance=0.2,
+                    partition_listing_interval=3.0,
+                )
+                | beam.Map(lambda event: (event.partition, event.sequence_number))
+                | beam.WindowInto(FixedWindows(1))
+                | beam.GroupByKey()
+                | beam.Map(_record_grouped)
+            )
+    finally:
+        progress.request_drain()
+        admin.join(timeout=100)
+        progress.reset_drain()
+    assert found == {"first": True, "new": True}, _GROUPED
+    assert sorted(_GROUPED) == [("0", 0), ("1", 0), ("1", 1), ("1", 2)]

@@ -7,6 +7,9 @@
     format ``bms replay`` reads, so that replaying the file into an empty hub gives the same
     events: bodies, partition keys and enqueued times byte for byte, and sequence numbers too
     (see ``export_lines``).
+  - ``bms hub grow --hub-name NAME --partition-count N``: gives one event hub of a local hub N
+    partitions, as Event Hubs Premium and Dedicated allow (``az eventhubs eventhub update
+    --partition-count N``); a streaming job reading it finds them within seconds.
 
 Flags: ``--hub`` is where the hubs are (a local hub file or ``eventhubs://NAMESPACE``, default
 ``BMS_HUB`` or ``.bms/hub.db``), as in ``bms run``, ``bms parity`` and ``bms produce``;
@@ -67,9 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "hub",
-        help="list a hub's event hubs and partitions (ls), or export events as JSON Lines",
+        help="list a hub's event hubs and partitions (ls), export events as JSON Lines, or add "
+        "partitions (grow)",
         description="Look into a hub: bms hub ls lists its event hubs and partitions; bms hub "
-        "export writes one event hub's events as JSON Lines that bms replay reads.",
+        "export writes one event hub's events as JSON Lines that bms replay reads; bms hub grow "
+        "gives an event hub of a local hub more partitions.",
     )
     actions = parser.add_subparsers(
         dest="hub_action",
@@ -96,9 +101,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(events with no partition key are placed round robin by the hub instead). Bodies "
         "must be UTF-8 text; the file is written whole or not at all.",
     )
-    for action in (ls, export):
+    grow = actions.add_parser(
+        "grow",
+        help="give an event hub of a local hub more partitions",
+        description="Give one event hub of a local hub --partition-count partitions, as Event "
+        "Hubs Premium and Dedicated allow (az eventhubs eventhub update --partition-count): "
+        "events already held stay where they are, later ones hash over the new count, and a "
+        "streaming bms run reading the hub finds the new partitions within seconds. Partitions "
+        "are never removed.",
+    )
+    for action in (ls, export, grow):
         add_hub_flag(action)
     add_flag(ls, "--hub-name", metavar="NAME", help="only this event hub (default: all)")
+    add_flag(grow, "--hub-name", metavar="NAME", help="the event hub to grow; required")
+    add_flag(
+        grow,
+        "--partition-count",
+        metavar="N",
+        type=int,
+        help="the partitions it is to have (no fewer than it has); required",
+    )
+    grow.set_defaults(func=run_grow)
     add_flag(
         export,
         "--hub-name",
@@ -108,7 +131,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("file", metavar="FILE", help="JSON Lines file to write, or - for stdout")
     ls.set_defaults(func=run_ls)
     export.set_defaults(func=run_export)
-    for action in (ls, export):
+    for action in (ls, export, grow):
         _add_verbosity(action, default=argparse.SUPPRESS)
 
 
@@ -279,6 +302,30 @@ def run_ls(args: argparse.Namespace) -> int:
                 describe_duration(first.ahead_by),
                 _iso(first.last_enqueued),
             )
+    return 0
+
+
+# ---- grow ----
+
+
+def run_grow(args: argparse.Namespace) -> int:
+    if not _is_local(args.hub):
+        raise UsageError(
+            "bms hub grow changes a local hub; an Event Hubs namespace (Premium or Dedicated) "
+            "takes az eventhubs eventhub update --partition-count N"
+        )
+    if args.hub_name is None or args.partition_count is None:
+        raise UsageError(
+            "name the event hub with --hub-name and its partitions with --partition-count"
+        )
+    with contextlib.closing(open_existing_hub(args.hub)) as client:
+        (name,) = hub_names(client, args.hub, args.hub_name)
+        before = len(client.partition_ids(name))
+        try:
+            client.add_partitions(name, args.partition_count)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+    print(f"{name} in {args.hub}: {before} partitions, now {args.partition_count}")
     return 0
 
 

@@ -32,6 +32,12 @@ class HubClient(Protocol):
 
     def partition_properties(self, hub: str, partition: str) -> PartitionProperties: ...
 
+    def known_end(self, hub: str, partition: str) -> int:
+        """A sequence number the partition's next event will have at least, from what the client
+        has learned without asking the service (0 when it knows nothing): sequence numbers only
+        grow, so what a client learned once stays a lower bound."""
+        ...
+
     def read(
         self, hub: str, partition: str, from_sequence_number: int, max_events: int
     ) -> Sequence[HubEvent]:

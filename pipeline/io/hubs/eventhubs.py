@@ -49,9 +49,11 @@ What the service does to readers, and what the reader does about it:
     (the SDK raises it as a ``ConnectError``); the reader waits between attempts (4 s, doubling
     up to a minute) and reads return nothing meanwhile, so the source polls again later, for up
     to ``throttled_timeout`` seconds before failing.
-  - The partition's last sequence number comes with every event
-    (``track_last_enqueued_event_properties``): a caught-up reader never polls partition
-    properties.
+  - Where a partition ends comes with every event (``track_last_enqueued_event_properties``):
+    the client keeps the last sequence number heard of (``known_end``), and the source asks it,
+    not the service, whether a piece of a partition is caught up or lies beyond the end. So a
+    caught-up partition asks the service nothing but reads, and a reader restarted at the end
+    of a partition starts inclusive on the last event heard of without asking where it is.
 """
 
 from __future__ import annotations
@@ -386,7 +388,7 @@ class _PartitionReader:
     def _on_batch(self, context: Any, events: list[Any]) -> None:
         if not events:
             return
-        self._track(context)
+        self._track(context, events)
         fresh = [event for event in events if event.sequence_number >= self._expected]
         if not fresh:
             return  # repeats after a reconnect: all handed out already
@@ -404,10 +406,14 @@ class _PartitionReader:
             except queue.Full:
                 continue
 
-    def _track(self, context: Any) -> None:
+    def _track(self, context: Any, events: list[Any]) -> None:
+        """Learns where the partition ends: from the last-enqueued properties the service sends
+        with every event (``track_last_enqueued_event_properties``), or at least from the events
+        themselves."""
         properties = getattr(context, "last_enqueued_event_properties", None)
         last = properties.get("sequence_number") if properties else None
-        if last is not None and last > self.last_enqueued:
+        last = max(events[-1].sequence_number, -1 if last is None else last)
+        if last > self.last_enqueued:
             self.last_enqueued = last
 
     def _on_error(self, _context: Any, error: BaseException) -> None:
@@ -593,12 +599,21 @@ class EventHubsClient:
 
     def _last_known(self, key: tuple[str, str], reader: _PartitionReader | None = None) -> int:
         """The partition's last sequence number as last heard of (properties, or the events a
-        reader received), without asking the service."""
+        reader received), without asking the service; -1 if nothing was heard."""
         last, asked_at = self._known_last.get(key, (-1, -1e9))
         if reader is not None and reader.last_enqueued > last:
             last = reader.last_enqueued
             self._known_last[key] = (last, asked_at)
         return last
+
+    def known_end(self, hub: str, partition: str) -> int:
+        """The sequence number after the last event heard of, from the partition's reader (the
+        service reports the partition's last event with every event it delivers) or the last
+        properties asked: no round trip."""
+        key = (hub, partition)
+        with self._lock:
+            reader = self._readers.get(key)
+        return self._last_known(key, reader) + 1
 
     def _reader(self, hub: str, partition: str, from_sequence_number: int) -> _PartitionReader:
         """The reader that hands out ``from_sequence_number`` next: the current one, or a new one
@@ -615,10 +630,15 @@ class EventHubsClient:
                 return reader
             self._readers.pop(key, None)
         if reader is not None:
+            self._last_known(key, reader)
             reader.close()
         last, asked_at = self._known_last.get(key, (-1, -1e9))
-        if from_sequence_number > last and time.monotonic() - asked_at >= 1.0:
-            # Starting at or beyond what was last heard of: where does the partition end now?
+        if (key not in self._known_last or from_sequence_number > last + 1) and (
+            time.monotonic() - asked_at >= 1.0
+        ):
+            # Starting beyond the last event heard of (or knowing nothing): the service refuses
+            # a start beyond its last event, so where does the partition end now? Reading on
+            # from the last event heard of needs no answer: it starts inclusive on that one.
             last = self.partition_properties(hub, partition).last_sequence_number
         reader = _PartitionReader(
             self._client_factory(hub),
@@ -717,6 +737,7 @@ class EventHubsClient:
                     del self._readers[key]
             for (hub, partition), reader in idle:
                 _LOG.debug("closing the idle reader of %s partition %s", hub, partition)
+                self._last_known((hub, partition), reader)
                 reader.close()
 
     def open_readers(self) -> int:

@@ -1,9 +1,10 @@
 """The local hub: an embedded stand-in for Azure Event Hubs, stored in one SQLite file.
 
-It keeps what the pipeline relies on from Event Hubs: named hubs with a fixed number of
-partitions, the partition chosen by hashing the partition key, per-partition sequence numbers
-from 0, an enqueued time assigned on append (UTC, microseconds), and cheap reads of a partition
-from a sequence number.
+It keeps what the pipeline relies on from Event Hubs: named hubs with a number of partitions
+that can grow but never shrink (``add_partitions``, as on Event Hubs Premium and Dedicated), the
+partition chosen by hashing the partition key over the current partitions, per-partition
+sequence numbers from 0, an enqueued time assigned on append (UTC, microseconds), and cheap reads
+of a partition from a sequence number.
 
 Time is honest, as in Event Hubs, where the service stamps each event with its own clock when it
 accepts it and no client can set an enqueued time. A live append (an event without an enqueued
@@ -105,7 +106,6 @@ class LocalHub:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.busy_timeout = busy_timeout
         self._default_partitions = partitions
-        self._partition_counts: dict[str, int] = {}
         self._round_robin = 0
         # Runners call setup, process and teardown from different threads, one at a time.
         self._db = sqlite3.connect(
@@ -157,21 +157,28 @@ class LocalHub:
             raise
 
     def partition_count(self, hub: str) -> int:
-        """The hub's partition count, creating the hub on first use."""
-        count = self._partition_counts.get(hub)
-        if count is None:
+        """The hub's partition count now (another process may add partitions), creating the hub
+        on first use."""
+        row = self._db.execute("SELECT partitions FROM hubs WHERE name = ?", (hub,)).fetchone()
+        if row is None:
+            self._write(
+                "INSERT OR IGNORE INTO hubs (name, partitions) VALUES (?, ?)",
+                (hub, self._default_partitions),
+            )
             row = self._db.execute("SELECT partitions FROM hubs WHERE name = ?", (hub,)).fetchone()
-            if row is None:
-                self._write(
-                    "INSERT OR IGNORE INTO hubs (name, partitions) VALUES (?, ?)",
-                    (hub, self._default_partitions),
-                )
-                row = self._db.execute(
-                    "SELECT partitions FROM hubs WHERE name = ?", (hub,)
-                ).fetchone()
-            (count,) = row
-            self._partition_counts[hub] = count
-        return count
+        return row[0]
+
+    def add_partitions(self, hub: str, count: int) -> None:
+        """Grows the hub to ``count`` partitions, as Event Hubs Premium and Dedicated allow (no
+        tier removes partitions). Events already held stay where they are; keys hash over the
+        new count from the next append on, so a key's later events may land elsewhere, as on
+        Event Hubs."""
+        current = self.partition_count(hub)
+        if count < current:
+            raise ValueError(f"hub {hub!r} has {current} partitions: none can be removed")
+        self._write(
+            "UPDATE hubs SET partitions = ? WHERE name = ? AND partitions < ?", (count, hub, count)
+        )
 
     def next_run_number(self) -> int:
         """A number no earlier call on this hub file returned (1, 2, ...): producers put it in
@@ -205,6 +212,14 @@ class LocalHub:
         if last is None:
             return PartitionProperties(partition, 0, -1, None)
         return PartitionProperties(partition, first, last, last_enqueued)
+
+    def known_end(self, hub: str, partition: str) -> int:
+        """The sequence number the partition's next event will have: exact, and cheap to ask."""
+        (last,) = self._db.execute(
+            "SELECT MAX(sequence_number) FROM events WHERE hub = ? AND partition = ?",
+            (hub, partition),
+        ).fetchone()
+        return 0 if last is None else last + 1
 
     def read(
         self, hub: str, partition: str, from_sequence_number: int, max_events: int
@@ -263,7 +278,6 @@ class LocalHub:
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
-            self._partition_counts.pop(hub, None)  # a hub created in this transaction is gone
             raise
         return placed
 

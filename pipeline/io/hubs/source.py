@@ -1,20 +1,29 @@
 """ReadFromHub: read one hub of any ``HubClient`` (local hub or Azure Event Hubs) into Beam.
 
 Each partition is one element of a Splittable DoFn whose restriction is a range of sequence
-numbers. In bounded mode the range ends at the last sequence number present when the job starts
-(``bms run --bounded`` drains the hub and stops); in unbounded mode it is open-ended and the DoFn
-self-checkpoints (``defer_remainder``) whenever it has caught up, so runners that never ask for a
-split (Flink) still get regular checkpoints. A runner may also split the open range anywhere
-(``try_split(0.5)`` leaves ``[start, about 2**62)``): whether a read is open-ended is the
-element's (``PartitionRange.stop is None``), never the restriction's, so every piece of an open
-range keeps polling when caught up and ends only on a drain. While the warehouse is unavailable
+numbers. In bounded mode the partitions are listed once and each range ends at the last sequence
+number present when the job starts (``bms run --bounded`` drains the hub and stops). In unbounded
+mode the partitions are listed again every few seconds (``_WatchPartitions``, itself an unbounded
+Splittable DoFn), so a partition added while the job runs is read too; each range is open-ended
+and the DoFn self-checkpoints (``defer_remainder``) whenever it has caught up, so runners that
+never ask for a split (Flink) still get regular checkpoints. A runner may also split the open
+range anywhere (``try_split(0.5)`` leaves ``[start, about 2**62)``): whether a read is open-ended
+is the element's (``PartitionRange.stop is None``), never the restriction's, so every piece of an
+open range keeps polling when caught up and ends only on a drain. While the warehouse is unavailable
 (``pipeline.io.hubs.progress.pause_reading``) partitions read nothing and hold their watermarks.
 
 Every event is emitted with its enqueued time as the Beam timestamp (ASA's System.Timestamp
 without TIMESTAMP BY) and a manual watermark estimator per partition follows the enqueued times
 read (minus ``watermark_delay`` when the pipeline re-times events from their payloads, see
 ``pipeline.event_time``); an idle partition moves its watermark toward wall-clock time minus
-``idle_allowance`` so windows still close while it receives nothing.
+``idle_allowance`` so windows still close while it receives nothing. In a streaming job the
+watermark stays a listing interval further back (``_WatchPartitions``, ``_ReadPartitionFn``), so
+that the events a new partition received before it was found are not late: it trails wall-clock
+time by ``partition_listing_interval + idle_allowance`` (10 s by default) at least.
+
+Caught-up partitions ask the hub nothing but reads: whether a piece lies beyond the end of its
+partition, and whether a caught-up piece ends at the partition's last event, the client answers
+from what its readers learned (``HubClient.known_end``).
 
 Why a Splittable DoFn rather than Python's ``UnboundedSource``: the SDF is the portable API that
 Prism, Flink and Dataflow all execute through the Fn API, it runs bounded on the in-process
@@ -28,6 +37,7 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from typing import NamedTuple
 
 import apache_beam as beam
@@ -37,9 +47,11 @@ from apache_beam.transforms.core import RestrictionProvider
 from apache_beam.utils.timestamp import MIN_TIMESTAMP, Duration, Timestamp
 
 from pipeline import metrics
+from pipeline.errors import UsageError
 from pipeline.io.hubs import checkpoint_scope, open_hub
+from pipeline.io.hubs.base import HubClient
 from pipeline.io.hubs.checkpoints import open_checkpoint_store, resume_positions
-from pipeline.io.hubs.positions import StartPosition, first_sequence_number
+from pipeline.io.hubs.positions import LATEST, StartPosition, first_sequence_number
 from pipeline.io.hubs.progress import PositionMark, drain_requested, reading_paused
 from pipeline.schema import HubEvent
 
@@ -53,41 +65,70 @@ EARLIEST_START = StartPosition.earliest()
 #: How long (s) reads may keep returning nothing from events a bounded range's partition still
 #: reports holding before the job fails.
 READ_ANOMALY_TIMEOUT = 300.0
+#: Seconds before asking the hub again whether a partition reached a piece beyond its end.
+END_CHECK_INTERVAL = 5.0
+#: More events than a partition takes in a second on any tier (Event Hubs Dedicated included).
+MAX_EVENTS_PER_SECOND = 1_000_000
+#: Seconds between listings of a hub's partitions in a streaming job: how soon a new one is read.
+PARTITION_LISTING_INTERVAL = 5.0
+#: Seconds listings may keep failing (the partitions found are read on meanwhile) before the job
+#: fails; the first listing, at job start, fails it at once.
+LISTING_FAILURE_TIMEOUT = 600.0
 _LOG = logging.getLogger(__name__)
 
 
 class _ReadFronts:
-    """How far each partition of a hub has been read in this process: the time of the last
-    event read at its front, or None once it is caught up. Every watermark this source reports
-    is held to the slowest front of its hub.
+    """For each partition of a hub read in this process, the earliest time its reader may
+    still hand over: the time read up to when its latest call began (its events in flight are
+    no earlier, as enqueued times never go backwards within a partition), or, after a call
+    that read nothing, the idle time that call saw. Every watermark an open read reports is
+    held to the fronts of the hub's *other* partitions.
 
-    Why: Prism (Beam 2.77) takes the estimate reported by a stage's *latest* bundle as the
-    whole stage's output watermark (``engine/elementmanager.go``, ``estimatedOutput``), not the
-    minimum over the partitions other bundles are still reading. A partition read ahead, or
-    caught up and idle, in a bundle of its own would move the watermark past the unread events
-    of the others, whose rows the join then drops as late. The partitions are listed in this
-    process before they are read (Prism runs the job's Python in it), so the listing seeds every
-    partition as unread. Runners that take the minimum themselves (Dataflow, Flink) lose
-    nothing by it.
+    Why: Prism (Beam 2.77) takes the estimate of a stage's *latest* bundle as the whole
+    stage's output watermark (``engine/elementmanager.go``, ``estimatedOutput``), not the
+    minimum over the partitions other bundles are reading. A partition read ahead, or caught
+    up and idle, in a bundle of its own would move the watermark past events other bundles
+    have read but not handed over, and the join would drop their rows as late (12 % of the rows
+    of a 200,000-event catch-up here). Listing the partitions seeds each as unread (Prism runs
+    the job's Python in this process); fronts are held apart per job (``scope``). Runners that
+    take the minimum themselves (Dataflow, Flink) lose nothing by it.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._fronts: dict[tuple[str, str], dict[str, int | None]] = {}
+        # (scope, hub) -> partition -> [front, read to so far]
+        self._fronts: dict[tuple[str, str], dict[str, list[int]]] = {}
 
-    def seed(self, hub_url: str, hub: str, partitions: list[str]) -> None:
-        with self._lock:
-            self._fronts[(hub_url, hub)] = dict.fromkeys(partitions, MIN_TIMESTAMP.micros)
+    def _partition(self, scope: str, hub: str, partition: str) -> list[int]:
+        return self._fronts.setdefault((scope, hub), {}).setdefault(
+            partition, [MIN_TIMESTAMP.micros, MIN_TIMESTAMP.micros]
+        )
 
-    def report(self, hub_url: str, hub: str, partition: str, micros: int | None) -> None:
+    def seed(self, scope: str, hub: str, partitions: list[str]) -> None:
         with self._lock:
-            self._fronts.setdefault((hub_url, hub), {})[partition] = micros
+            for partition in partitions:
+                self._partition(scope, hub, partition)
 
-    def held(self, hub_url: str, hub: str, micros: int) -> int:
-        """``micros``, or less if a front of the hub has not been read that far."""
+    def begin_call(self, scope: str, hub: str, partition: str) -> None:
         with self._lock:
-            fronts = self._fronts.get((hub_url, hub), {}).values()
-            return min((micros, *(front for front in fronts if front is not None)))
+            entry = self._partition(scope, hub, partition)
+            entry[0] = entry[1]
+
+    def read_to(self, scope: str, hub: str, partition: str, micros: int) -> None:
+        with self._lock:
+            entry = self._partition(scope, hub, partition)
+            entry[1] = max(entry[1], micros)
+
+    def idle(self, scope: str, hub: str, partition: str, micros: int) -> None:
+        with self._lock:
+            entry = self._partition(scope, hub, partition)
+            entry[0] = entry[1] = max(entry[1], micros)
+
+    def held(self, scope: str, hub: str, partition: str, micros: int) -> int:
+        """``micros``, or less if another partition of the hub may still hand over earlier."""
+        with self._lock:
+            fronts = self._fronts.get((scope, hub), {})
+            return min((micros, *(e[0] for p, e in fronts.items() if p != partition)))
 
 
 _READ_FRONTS = _ReadFronts()
@@ -102,38 +143,193 @@ class PartitionRange(NamedTuple):
     stop: int | None
 
 
-class _ListPartitions(beam.DoFn):
-    """Expands a hub name into one PartitionRange per partition, fixed at job start; a partition
-    with a checkpoint resumes after it."""
+_WATERMARK_PARAM = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
 
-    def __init__(self, hub_url: str, bounded: bool, start: StartPosition, checkpoints: str | None):
+
+def _partition_ranges(
+    client: HubClient,
+    hub_url: str,
+    hub: str,
+    partitions: list[str],
+    start: StartPosition,
+    checkpoints: str | None,
+    bounded: bool,
+) -> list[PartitionRange | None]:
+    """The range to read of each partition (None: nothing to read in a bounded run); a
+    partition with a checkpoint resumes after it, whatever ``start`` says."""
+    resume = {}
+    if checkpoints is not None:
+        store = open_checkpoint_store(checkpoints, checkpoint_scope(hub_url))
+        try:
+            resume = resume_positions(store, hub)
+        finally:
+            store.close()
+    ranges: list[PartitionRange | None] = []
+    for partition in partitions:
+        first = first_sequence_number(client, hub, partition, start, resume.get(partition))
+        if not bounded:
+            ranges.append(PartitionRange(hub, partition, first, None))
+            continue
+        stop = client.partition_properties(hub, partition).last_sequence_number + 1
+        ranges.append(PartitionRange(hub, partition, first, stop) if stop > first else None)
+    return ranges
+
+
+def _in_order(partitions: list[str]) -> list[str]:
+    """Partition ids in the order partitions were made: Event Hubs (and the local hub) number
+    them 0..N-1 and add new ones at the end."""
+    return sorted(partitions, key=lambda partition: (len(partition), partition))
+
+
+class _ListPartitions(beam.DoFn):
+    """Expands a hub name into one PartitionRange per partition, listed once (bounded runs)."""
+
+    def __init__(self, hub_url: str, start: StartPosition, checkpoints: str | None):
         self._hub_url = hub_url
-        self._bounded = bounded
         self._start = start
         self._checkpoints = checkpoints
 
     def process(self, hub: str):
-        resume = {}
-        if self._checkpoints is not None:
-            store = open_checkpoint_store(self._checkpoints, checkpoint_scope(self._hub_url))
-            try:
-                resume = resume_positions(store, hub)
-            finally:
-                store.close()
         client = open_hub(self._hub_url)
         try:
             partitions = client.partition_ids(hub)
-            _READ_FRONTS.seed(self._hub_url, hub, partitions)
-            for partition in partitions:
-                first = first_sequence_number(
-                    client, hub, partition, self._start, resume.get(partition)
-                )
-                properties = client.partition_properties(hub, partition)
-                stop = properties.last_sequence_number + 1 if self._bounded else None
-                if stop is None or stop > first:
-                    yield PartitionRange(hub, partition, first, stop)
+            yield from filter(
+                None,
+                _partition_ranges(
+                    client, self._hub_url, hub, partitions, self._start, self._checkpoints, True
+                ),
+            )
         finally:
             client.close()
+
+
+class _ListingTracker(OffsetRestrictionTracker):
+    """The partitions of a hub emitted so far: ``[n, sys.maxsize)`` once the first n are. Only
+    checkpoints split it: another watcher of the same hub would list it again for nothing."""
+
+    def try_split(self, fraction_of_remainder: float):
+        return super().try_split(0) if fraction_of_remainder == 0 else None
+
+
+class _ListingProvider(RestrictionProvider):
+    def initial_restriction(self, hub: str) -> OffsetRange:
+        return OffsetRange(0, _OPEN_END)
+
+    def create_tracker(self, restriction: OffsetRange) -> _ListingTracker:
+        return _ListingTracker(restriction)
+
+    def restriction_size(self, hub: str, restriction: OffsetRange) -> int:
+        return 1
+
+    def truncate(self, hub: str, restriction: OffsetRange) -> None:
+        return None  # a drain ends the watch
+
+
+_LISTING_PARAM = beam.DoFn.RestrictionParam(_ListingProvider())
+
+
+class _WatchPartitions(beam.DoFn):
+    """Emits one open PartitionRange per partition of a hub: those it has at job start at once,
+    and a partition added later (Event Hubs Premium and Dedicated can add partitions to a hub)
+    within ``interval`` seconds. A drain ends it.
+
+    A new partition's events may have been enqueued at any time since the listing before the
+    one that found it: so its range is emitted at that time, and this transform's watermark
+    trails each listing by ``idle_allowance`` (the clocks of the worker and the hub may differ,
+    as for idle partitions) until the next. Without that hold, the events a new partition
+    received before it was found would come behind the watermark: late. (The readers of the
+    other partitions hold it as well, for Prism: see ``_ReadPartitionFn``.)
+    """
+
+    def __init__(
+        self,
+        hub_url: str,
+        start: StartPosition,
+        checkpoints: str | None,
+        interval: float,
+        idle_allowance: float,
+        fronts_scope: str = "",
+    ):
+        self._hub_url = hub_url
+        self._fronts_scope = fronts_scope
+        self._start = start
+        self._checkpoints = checkpoints
+        self._interval = Duration.of(interval)
+        self._idle_allowance_micros = int(idle_allowance * 1_000_000)
+        self._client = None
+        self._failing_since: float | None = None  # time.monotonic() of the first failed listing
+
+    def setup(self):
+        self._client = open_hub(self._hub_url)
+
+    def teardown(self):
+        if self._client is not None:
+            self._client.close()
+
+    @beam.DoFn.unbounded_per_element()
+    def process(
+        self,
+        hub: str,
+        tracker=_LISTING_PARAM,
+        watermark=_WATERMARK_PARAM,
+    ):
+        emitted = tracker.current_restriction().start
+        if drain_requested():
+            tracker.try_claim(tracker.current_restriction().stop)
+            return
+        listed_at = time.time_ns() // 1_000
+        since = watermark.current_watermark()  # None at the first listing: from the start
+        try:
+            ranges = self._new_partitions(hub, emitted, since is not None)
+        except Exception as error:
+            if since is None or not self._listing_failed(hub, error):
+                raise
+            tracker.defer_remainder(self._interval)  # the watermark waits for the next listing
+            return
+        self._failing_since = None
+        for index, partition_range in enumerate(ranges, start=emitted):
+            if not tracker.try_claim(index):
+                return
+            if since is not None:
+                _LOG.info("hub %r has a new partition %s", hub, partition_range.partition)
+                partition_range = beam.window.TimestampedValue(partition_range, since)
+            yield partition_range
+        held = Timestamp(micros=listed_at - self._idle_allowance_micros)
+        current = watermark.current_watermark()
+        if current is None or current < held:
+            watermark.set_watermark(held)
+        tracker.defer_remainder(self._interval)
+
+    def _new_partitions(self, hub: str, emitted: int, later: bool) -> list[PartitionRange]:
+        """The ranges of the hub's partitions after the first ``emitted``; ``later``: after the
+        first listing, when a partition found was made after the job started, so it is read from
+        its first event even when the job started at the latest ones."""
+        partitions = _in_order(self._client.partition_ids(hub))[emitted:]
+        if not partitions:
+            return []
+        start = EARLIEST_START if later and self._start.kind == LATEST else self._start
+        _READ_FRONTS.seed(self._fronts_scope, hub, partitions)
+        return _partition_ranges(
+            self._client, self._hub_url, hub, partitions, start, self._checkpoints, False
+        )
+
+    def _listing_failed(self, hub: str, error: Exception) -> bool:
+        """Whether to carry on after a listing failed (the partitions found so far are read on,
+        and the next listing tries again), for up to ``LISTING_FAILURE_TIMEOUT`` seconds."""
+        now = time.monotonic()
+        if self._failing_since is None:
+            self._failing_since = now
+        if isinstance(error, UsageError) or now - self._failing_since > LISTING_FAILURE_TIMEOUT:
+            return False
+        _LOG.warning(
+            "listing the partitions of hub %r failed (%s: %s): trying again in %g s; the "
+            "watermark waits until a listing succeeds",
+            hub,
+            type(error).__name__,
+            error,
+            self._interval.micros / 1e6,
+        )
+        return True
 
 
 class _SequenceRangeProvider(RestrictionProvider):
@@ -153,11 +349,17 @@ class _SequenceRangeProvider(RestrictionProvider):
 
 
 _TRACKER_PARAM = beam.DoFn.RestrictionParam(_SequenceRangeProvider())
-_WATERMARK_PARAM = beam.DoFn.WatermarkEstimatorParam(ManualWatermarkEstimator.default_provider())
 
 
 class _ReadPartitionFn(beam.DoFn):
-    """Reads the events of one partition range in batches through one client per DoFn instance."""
+    """Reads the events of one partition range in batches through one client per DoFn instance.
+
+    The watermark of an open range also stays ``partition_listing_interval + idle_allowance``
+    behind wall-clock time: a partition the next listing finds may hold events from then on.
+    ``_WatchPartitions`` holds the watermark there too, which suffices where an element waiting
+    to be read holds the watermark (the Beam model); Prism takes a Splittable DoFn's output
+    watermark from the watermarks its last calls reported, so the readers hold it themselves.
+    """
 
     def __init__(
         self,
@@ -167,19 +369,24 @@ class _ReadPartitionFn(beam.DoFn):
         idle_allowance: float,
         watermark_delay: float,
         max_batches_per_call: int,
+        partition_listing_interval: float = PARTITION_LISTING_INTERVAL,
+        fronts_scope: str = "",
     ):
         self._hub_url = hub_url
+        self._fronts_scope = fronts_scope
         self._batch_size = batch_size
         self._poll_seconds = poll_interval
         self._poll_interval = Duration.of(poll_interval)
         self._idle_allowance_micros = int(idle_allowance * 1_000_000)
+        self._open_lag_micros = int((partition_listing_interval + idle_allowance) * 1_000_000)
         self._watermark_delay_micros = int(watermark_delay * 1_000_000)
         self._max_batches_per_call = max_batches_per_call
         self._client = None
         # (hub, partition, position) -> when a read there first returned nothing by accident.
         self._read_anomalies: dict[tuple[str, str, int], float] = {}
-        # (hub, partition) -> (a sequence number its next event has at least, when last asked).
-        self._known_ends: dict[tuple[str, str], tuple[int, float]] = {}
+        # (hub, partition, position) -> when (time.monotonic()) to ask the hub again whether
+        # the partition reached a piece's position (see _beyond_end).
+        self._end_checks: dict[tuple[str, str, int], float] = {}
         # (hub, partition) -> (sequence number, offset) of the last event read here.
         self._last_offsets: dict[tuple[str, str], tuple[int, str]] = {}
 
@@ -217,7 +424,10 @@ class _ReadPartitionFn(beam.DoFn):
         next_mark_at = MIN_TIMESTAMP.micros  # marks at least every MARK_INTERVAL of event time
         # A piece split off the open range far ahead has nothing to read until the partition
         # reaches it; not reading spares the other pieces' readers (Event Hubs keeps one open).
-        beyond_end = caught_up = open_ended and self._beyond_end(element, position)
+        beyond_end = open_ended and self._beyond_end(element, position)
+        caught_up = beyond_end
+        if open_ended and not beyond_end:
+            _READ_FRONTS.begin_call(self._fronts_scope, element.hub, element.partition)
         for _ in range(0 if caught_up else self._max_batches_per_call):
             stop = tracker.current_restriction().stop  # the runner may split while we read
             if position >= stop or reading_paused():  # paused: the next call waits
@@ -254,10 +464,10 @@ class _ReadPartitionFn(beam.DoFn):
                 _offset(events[-1]),
             )
             position = events[-1].sequence_number + 1
-            self._saw_end(element, position)
-            front = events[-1].enqueued_time - self._watermark_delay_micros
-            _READ_FRONTS.report(self._hub_url, element.hub, element.partition, front)
-            self._advance_held(watermark, front, element)
+            read_to = events[-1].enqueued_time - self._watermark_delay_micros
+            if open_ended:
+                _READ_FRONTS.read_to(self._fronts_scope, element.hub, element.partition, read_to)
+            self._advance(watermark, read_to, element)
         yield from _marks(element, last)
         if position >= tracker.current_restriction().stop:  # this piece is read
             if not open_ended and position >= element.stop:  # and so is the partition
@@ -271,27 +481,41 @@ class _ReadPartitionFn(beam.DoFn):
             self._check_still_held(element, position)
             self._retry_later(tracker, open_ended)
             return
-        if not beyond_end:  # this piece read the partition to its end
-            _READ_FRONTS.report(self._hub_url, element.hub, element.partition, None)
         idle_since = time.time_ns() // 1_000 - self._idle_allowance_micros
+        if last is None and not beyond_end:  # nothing read in this call: nothing in flight
+            _READ_FRONTS.idle(
+                self._fronts_scope,
+                element.hub,
+                element.partition,
+                idle_since - self._watermark_delay_micros,
+            )
         previous = _watermark_micros(watermark)
-        if self._advance_held(watermark, idle_since - self._watermark_delay_micros, element):
+        if self._advance(watermark, idle_since - self._watermark_delay_micros, element):
             current = _watermark_micros(watermark)
-            if current // MARK_INTERVAL_MICROS != previous // MARK_INTERVAL_MICROS and (
-                self._ends_at(element, position)
+            if (
+                current // MARK_INTERVAL_MICROS != previous // MARK_INTERVAL_MICROS
+                and not beyond_end
+                and self._client.known_end(element.hub, element.partition) == position
             ):
-                # Caught up: everything before `position` is read, and the partition's time
-                # moves on; commits must know it, or they would stop at its last event.
+                # Caught up: the partition's last event is the one before `position`, read, and
+                # the partition's time moves on; commits must know it, or they would stop at its
+                # last event. (A piece beyond the end, the rest of a split of the open range,
+                # says nothing of what was read before it.)
                 read, offset = self._last_offsets.get((element.hub, element.partition), (-1, None))
                 yield _mark(
                     element, position - 1, current, offset=offset if read == position - 1 else None
                 )
         tracker.defer_remainder(self._poll_interval)
 
-    def _advance_held(self, watermark, micros: int, element: PartitionRange) -> bool:
-        """``_advance``, held to the hub's slowest read front (``_ReadFronts``)."""
-        held = _READ_FRONTS.held(self._hub_url, element.hub, micros)
-        return _advance(watermark, held, element)
+    def _advance(self, watermark: ManualWatermarkEstimator, micros: int, element: PartitionRange):
+        """Moves the partition's watermark forward to micros, never back, nor for an open range
+        closer to wall-clock time than a listing interval and the idle allowance (see the class
+        doc), nor past what the hub's other partitions may still hand over (``_ReadFronts``);
+        True if it moved."""
+        if element.stop is None:
+            micros = min(micros, time.time_ns() // 1_000 - self._open_lag_micros)
+            micros = _READ_FRONTS.held(self._fronts_scope, element.hub, element.partition, micros)
+        return _advance(watermark, micros, element)
 
     def _retry_later(self, tracker, open_ended: bool) -> None:
         """Checkpoints the rest of this piece, to be read again after the poll interval.
@@ -305,30 +529,30 @@ class _ReadPartitionFn(beam.DoFn):
 
     def _beyond_end(self, element: PartitionRange, position: int) -> bool:
         """Whether ``position`` lies past the sequence number the partition's next event will
-        have; asks the hub at most once a second."""
-        key = (element.hub, element.partition)
-        end, asked_at = self._known_ends.get(key, (-1, -1e9))
-        if position <= end:
+        have.
+
+        The client knows a lower bound of it without a round trip (the local hub exactly; Event
+        Hubs from the last-enqueued properties its readers receive with every event), which
+        settles it for every piece a reader of this client is at or behind. Only a piece beyond
+        that asks the hub, and asks again only once the partition could have reached it
+        (``END_CHECK_INTERVAL``, or longer the further ahead it lies, at
+        ``MAX_EVENTS_PER_SECOND``): the rest of a split far ahead asks once.
+        """
+        hub, partition = element.hub, element.partition
+        key = (hub, partition, position)
+        if position <= self._client.known_end(hub, partition):
+            self._end_checks.pop(key, None)
             return False
-        if time.monotonic() - asked_at >= 1.0:
-            properties = self._client.partition_properties(element.hub, element.partition)
-            end = max(end, properties.last_sequence_number + 1)
-            self._known_ends[key] = (end, time.monotonic())
-        return position > end
-
-    def _saw_end(self, element: PartitionRange, position: int) -> None:
-        """Notes that the partition's events reach ``position`` (exclusive) at least."""
-        key = (element.hub, element.partition)
-        end, asked_at = self._known_ends.get(key, (-1, -1e9))
-        if position > end:
-            self._known_ends[key] = (position, asked_at)
-
-    def _ends_at(self, element: PartitionRange, position: int) -> bool:
-        """Whether the partition's last event is the one before ``position``: a caught-up piece
-        may start beyond the partition's end (the rest of a split of the open range), and its
-        position then says nothing of what was read."""
-        properties = self._client.partition_properties(element.hub, element.partition)
-        return properties.last_sequence_number == position - 1
+        now = time.monotonic()
+        if now < self._end_checks.get(key, now):
+            return True
+        end = self._client.partition_properties(hub, partition).last_sequence_number + 1
+        if position <= end:
+            self._end_checks.pop(key, None)
+            return False
+        wait = max(END_CHECK_INTERVAL, (position - end) / MAX_EVENTS_PER_SECOND)
+        self._end_checks[key] = now + min(wait, 1e9)
+        return True
 
     def _report_expired(self, element: PartitionRange, position: int, found: int) -> None:
         """An open read fell behind retention: events ``position..found - 1`` are lost. Failing
@@ -451,9 +675,13 @@ class ReadFromHub(beam.PTransform):
         ``{"events": ..., "positions": ...}``.
       batch_size: events fetched per read call.
       poll_interval: seconds to wait before polling a caught-up partition again (unbounded).
-      idle_allowance: how far behind wall-clock time an idle partition holds its watermark.
+      idle_allowance: how far behind wall-clock time an idle partition holds its watermark (in
+        a streaming job every partition's watermark stays a listing interval further behind).
       watermark_delay: seconds the watermark trails the enqueued times read, for event times
         that may lie before them (``pipeline.event_time``'s payload policy).
+      partition_listing_interval: seconds between listings of the hub's partitions (unbounded),
+        so that a partition added while the job runs is read; the watermark trails wall-clock
+        time by up to this much more (see ``_WatchPartitions``).
     """
 
     def __init__(
@@ -469,16 +697,25 @@ class ReadFromHub(beam.PTransform):
         poll_interval: float = 0.5,
         idle_allowance: float = 5.0,
         watermark_delay: float = 0.0,
+        partition_listing_interval: float = PARTITION_LISTING_INTERVAL,
     ):
         super().__init__(label=None)
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self._hub_url = hub_url
         self._hub = hub
-        self._bounded = bounded
-        self._start = start
-        self._checkpoints = checkpoints
         self._with_positions = with_positions
+        fronts_scope = uuid.uuid4().hex  # this job's (``_ReadFronts``)
+        if bounded:
+            self._list_partitions = _ListPartitions(hub_url, start, checkpoints)
+        else:
+            self._list_partitions = _WatchPartitions(
+                hub_url,
+                start,
+                checkpoints,
+                partition_listing_interval,
+                idle_allowance,
+                fronts_scope=fronts_scope,
+            )
         read_fn = _ReadPartitionFn if bounded else _ReadPartitionUnboundedFn
         self._read_fn = read_fn(
             hub_url,
@@ -487,16 +724,15 @@ class ReadFromHub(beam.PTransform):
             idle_allowance,
             watermark_delay,
             max_batches_per_call=sys.maxsize if bounded else 10,
+            partition_listing_interval=partition_listing_interval,
+            fronts_scope=fronts_scope,
         )
 
     def expand(self, pbegin):
-        list_partitions = _ListPartitions(
-            self._hub_url, self._bounded, self._start, self._checkpoints
-        )
         read = (
             pbegin
             | "Hub" >> beam.Create([self._hub])
-            | "ListPartitions" >> beam.ParDo(list_partitions)
+            | "ListPartitions" >> beam.ParDo(self._list_partitions)
             | "SpreadPartitions" >> beam.Reshuffle()
             | "ReadPartitions" >> beam.ParDo(self._read_fn).with_outputs(POSITIONS, main=EVENTS)
         )

@@ -99,32 +99,34 @@ class _ReadFronts:
         # (scope, hub) -> partition -> [front, read to so far]
         self._fronts: dict[tuple[str, str], dict[str, list[int]]] = {}
 
-    def _partition(self, scope: str, hub: str, partition: str) -> list[int]:
+    def _partition(self, scope: str | None, hub: str, partition: str) -> list[int]:
+        if scope is None:  # a reader outside ReadFromHub (a test's): nothing to hold
+            return [MIN_TIMESTAMP.micros, MIN_TIMESTAMP.micros]
         return self._fronts.setdefault((scope, hub), {}).setdefault(
             partition, [MIN_TIMESTAMP.micros, MIN_TIMESTAMP.micros]
         )
 
-    def seed(self, scope: str, hub: str, partitions: list[str]) -> None:
+    def seed(self, scope: str | None, hub: str, partitions: list[str]) -> None:
         with self._lock:
             for partition in partitions:
                 self._partition(scope, hub, partition)
 
-    def begin_call(self, scope: str, hub: str, partition: str) -> None:
+    def begin_call(self, scope: str | None, hub: str, partition: str) -> None:
         with self._lock:
             entry = self._partition(scope, hub, partition)
             entry[0] = entry[1]
 
-    def read_to(self, scope: str, hub: str, partition: str, micros: int) -> None:
+    def read_to(self, scope: str | None, hub: str, partition: str, micros: int) -> None:
         with self._lock:
             entry = self._partition(scope, hub, partition)
             entry[1] = max(entry[1], micros)
 
-    def idle(self, scope: str, hub: str, partition: str, micros: int) -> None:
+    def idle(self, scope: str | None, hub: str, partition: str, micros: int) -> None:
         with self._lock:
             entry = self._partition(scope, hub, partition)
             entry[0] = entry[1] = max(entry[1], micros)
 
-    def held(self, scope: str, hub: str, partition: str, micros: int) -> int:
+    def held(self, scope: str | None, hub: str, partition: str, micros: int) -> int:
         """``micros``, or less if another partition of the hub may still hand over earlier."""
         with self._lock:
             fronts = self._fronts.get((scope, hub), {})
@@ -248,7 +250,7 @@ class _WatchPartitions(beam.DoFn):
         checkpoints: str | None,
         interval: float,
         idle_allowance: float,
-        fronts_scope: str = "",
+        fronts_scope: str | None = None,
     ):
         self._hub_url = hub_url
         self._fronts_scope = fronts_scope
@@ -370,7 +372,7 @@ class _ReadPartitionFn(beam.DoFn):
         watermark_delay: float,
         max_batches_per_call: int,
         partition_listing_interval: float = PARTITION_LISTING_INTERVAL,
-        fronts_scope: str = "",
+        fronts_scope: str | None = None,
     ):
         self._hub_url = hub_url
         self._fronts_scope = fronts_scope

@@ -42,7 +42,7 @@ def _counts() -> dict[str, float]:
 
 
 def _clock(moment: float | None) -> str:
-    if moment is None:
+    if moment is None or moment < 0:  # none yet (a watermark at the beginning of time)
         return "-"
     when = dt.datetime.fromtimestamp(moment, dt.UTC)
     lag = time.time() - moment

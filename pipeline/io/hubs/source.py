@@ -653,7 +653,10 @@ def _watermark_micros(watermark: ManualWatermarkEstimator) -> int:
 
 
 def _advance(watermark: ManualWatermarkEstimator, micros: int, element: PartitionRange) -> bool:
-    """Moves the partition's watermark forward to micros, never back; True if it moved."""
+    """Moves the partition's watermark forward to micros, never back; True if it moved. The
+    beginning of time (a hold by a partition not read yet) is no move."""
+    if micros <= MIN_TIMESTAMP.micros:
+        return False
     current = watermark.current_watermark()
     if current is None or current.micros < micros:
         watermark.set_watermark(Timestamp(micros=micros))

@@ -41,8 +41,9 @@ from pipeline.schema import FactRow, fact_row_key
 BOOKINGS = "bookings"
 PAYMENTS = "payments"
 SIDES = (BOOKINGS, PAYMENTS)
-#: When windows close for a join without a period: once the input ends (beyond any event time).
-END_OF_INPUT = 2**62
+#: When windows close for a join without a period: once the input ends (beyond any event time;
+#: a whole millisecond, as timers fire).
+END_OF_INPUT = 2**62 // 1000 * 1000
 #: Before any window has closed.
 NOTHING_CLOSED = -(2**62)
 

@@ -17,6 +17,7 @@ from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from pipeline import interval_join
 from pipeline.interval_join import IntervalJoinBookingsToPayments
 from pipeline.join import JoinBookingsToPayments
+from tests.conftest import unbatched
 from tests.test_join import (
     PAYMENT_ID,
     SEAT,
@@ -95,7 +96,7 @@ def test_the_interval_join_emits_a_pair_before_the_watermark_closes_its_window(t
     # tells the two apart.
     with streaming_pipeline() as p:
         streams = p | early_and_late_stream()
-        facts = (streams["b"], streams["p"]) | transform()
+        facts = (streams["b"], streams["p"]) | transform() | unbatched()
         early = (
             facts
             | beam.WindowInto(FixedWindows(60), allowed_lateness=0)
@@ -124,7 +125,7 @@ def test_rows_are_forgotten_once_the_watermark_closes_their_windows():
     ]
     with streaming_pipeline() as p:
         streams = p | streamed(arrivals)
-        facts = (streams["b"], streams["p"]) | IntervalJoinBookingsToPayments()
+        facts = (streams["b"], streams["p"]) | IntervalJoinBookingsToPayments() | unbatched()
         assert_that(
             facts | beam.ParDo(_RowsHeldWhenSeen()), equal_to([("first", 2), ("second", 2)])
         )

@@ -1,7 +1,7 @@
 """Latency of streaming ``bms run`` on Prism at a sustained rate, for each join mode.
 
     python bench/latency.py [--rate 1000] [--seconds 300] [--joins interval,windowed]
-                            [--seed 1] [--json PATH]
+                            [--seed 1] [--json PATH] [-- BMS RUN ARGS...]
 
 For each join mode (``--join``), in turn and on a fresh local hub and SQLite warehouse:
 ``bms run`` streams on Prism while ``bms produce --rate RATE`` publishes for SECONDS; the
@@ -178,8 +178,10 @@ def bms(*args: str, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], **kwargs)
 
 
-def measure(join: str, rate: float, seconds: float, seed: int, directory: Path) -> Result:
-    """One streaming run of one join mode (see the module doc)."""
+def measure(
+    join: str, rate: float, seconds: float, seed: int, directory: Path, run_args: list[str] = ()
+) -> Result:
+    """One streaming run of one join mode (see the module doc); ``run_args`` go to bms run."""
     hub, database = directory / "hub.db", directory / "warehouse.db"
     LocalHub(hub).close()
     with contextlib.closing(sqlite3.connect(database)) as connection:
@@ -188,7 +190,7 @@ def measure(join: str, rate: float, seconds: float, seed: int, directory: Path) 
     log = open(directory / "job.log", "w")  # noqa: SIM115 (open for the job's lifetime)
     job = bms(
         "run", "--hub", str(hub), "--warehouse", f"sqlite:///{database}", "--join", join,
-        "--metrics-port", str(port), stdout=log, stderr=subprocess.STDOUT,
+        "--metrics-port", str(port), *run_args, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     result = Result(join, rate, seconds)
     watcher = Watcher(database)
@@ -307,11 +309,14 @@ def main() -> None:
     parser.add_argument("--joins", default="interval,windowed", help="join modes, in order")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results here, as JSON")
+    parser.add_argument("run_args", nargs="*", help="more bms run flags, after --")
     args = parser.parse_args()
     results = []
     for join in args.joins.split(","):
         with tempfile.TemporaryDirectory(prefix=f"bms-latency-{join}-") as directory:
-            results.append(measure(join, args.rate, args.seconds, args.seed, Path(directory)))
+            results.append(
+                measure(join, args.rate, args.seconds, args.seed, Path(directory), args.run_args)
+            )
     report(results)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")

@@ -36,6 +36,7 @@ setup(
             "pytest-timeout>=2.3",
             "hypothesis>=6.100",
             "ruff>=0.6",
+            "psutil>=5.9",
         ],
     },
     entry_points={"console_scripts": ["bms=pipeline.cli:main"]},

@@ -25,9 +25,11 @@ state; otherwise (another worker ran the shard, a bundle failed and was retried,
 rebuilds the index from the bag. Beam state stays the truth; memory is a cache of it.
 
 Late rows. ``JoinState`` keeps and drops rows exactly as the windowed join's sliding windows
-would (see its module), measuring window closes with the watermark as this DoFn's timers see
-it: a timer firing at ``t``, whatever its shard, tells that the join's input watermark has
-reached ``t`` (``_WATERMARK_SEEN``; each bundle first forgets what that closes). On the
+would (see its module), measuring window closes with the watermark as the shard's own timer sees
+it: a timer firing at ``t`` tells that the watermark has reached ``t``, and the runner gives a
+shard its rows and its timers in timestamp order, so no row of the shard that was on time is
+still waiting then. (A timer of another shard would tell nothing about this one: when the join
+runs behind, rows that were on time can still wait for it while the watermark moves on.) On the
 stream's own timestamps no row is ever late: the source's watermark never passes an event it
 has not read (each partition's follows its own enqueued times, which never go backwards), both
 with ``--event-time enqueued`` and with ``--event-time payload`` (whose times lie at most the
@@ -35,11 +37,11 @@ tolerance before the enqueued time, and whose watermark trails by that tolerance
 behind the watermark only when an idle partition's watermark, moved on to the wall clock minus
 5 s, is overtaken by an event enqueued earlier than that: a hub clock behind this machine's, or
 old enqueued times replayed into a hub a job is reading. Such a row pairs in neither mode once
-its window has closed. One difference remains: after a time in which no timer fired at all (no
-rows held, the whole join idle) the join does not know how far the watermark moved meanwhile,
-so two late rows of one order reaching it before its next timer fires can still pair here,
-where the windowed join drops both (``bms_join_late_rows_total`` counts the rows this join
-drops).
+its window has closed, as far as the shard knows. One difference remains: a shard whose timer
+has not fired since the watermark passed a window's close (it held no rows then, or the timer
+is still due) does not know that window has closed, so two late rows of one order reaching it
+before that can still pair here, where the windowed join drops both
+(``bms_join_late_rows_total`` counts the rows this join drops).
 
 Restarts. State lives in the runner and is lost when the job ends: a restarted job reads on
 from the committed positions. Rows are kept at most ``window_size_micros(period)`` past their
@@ -153,9 +155,6 @@ class _Meta(NamedTuple):
 _NEW_SHARD = _Meta(0, NOTHING_CLOSED, None, 0)
 #: (DoFn id, shard) -> (token, JoinState): the in-memory indexes (module doc).
 _LIVE: dict[tuple[str, int], tuple[int, JoinState]] = {}
-#: DoFn id -> the latest time a timer of any of its shards fired at in this process: the
-#: join's input watermark has reached it, for every shard (module doc, late rows).
-_WATERMARK_SEEN: dict[str, int] = {}
 _ENTRIES_SPEC = BagStateSpec("entries", coders.PickleCoder())  # lists of interval.Entry
 _META_SPEC = ReadModifyWriteStateSpec("meta", coders.PickleCoder())
 _CLOSE_TIMER = TimerSpec("close", TimeDomain.WATERMARK)
@@ -191,7 +190,6 @@ class _IntervalJoinFn(beam.DoFn):
         shard, (side, packed) = element
         rows = pickle.loads(packed)
         state, current = self._open(shard, entries, meta)
-        state.close_until(_WATERMARK_SEEN.get(self._id, NOTHING_CLOSED))
         added = state.add(side, rows)
         stored = current.stored
         if added.kept:
@@ -216,10 +214,8 @@ class _IntervalJoinFn(beam.DoFn):
         meta=_META,
         close=_CLOSE,
     ):
-        seen = max(_WATERMARK_SEEN.get(self._id, NOTHING_CLOSED), fired_at.micros)
-        _WATERMARK_SEEN[self._id] = seen
         state, current = self._open(shard, entries, meta)
-        state.close_until(seen)
+        state.close_until(fired_at.micros)
         live, stored = len(state), current.stored
         if stored - live >= live:  # as many forgotten rows as live ones: rewrite the bag
             entries.clear()

@@ -17,6 +17,7 @@ from apache_beam.transforms.window import FixedWindows, TimestampedValue
 from pipeline import interval_join
 from pipeline.interval_join import IntervalJoinBookingsToPayments
 from pipeline.join import JoinBookingsToPayments
+from tests import test_join
 from tests.conftest import unbatched
 from tests.test_join import (
     PAYMENT_ID,
@@ -130,3 +131,27 @@ def test_rows_are_forgotten_once_the_watermark_closes_their_windows():
             facts | beam.ParDo(_RowsHeldWhenSeen()), equal_to([("first", 2), ("second", 2)])
         )
     assert interval_join.rows_held() == 0  # the input ended: every window closed
+
+
+class _Forgetful(dict):
+    """An index cache that keeps nothing (``interval_join._LIVE``)."""
+
+    def __setitem__(self, key, value):
+        pass
+
+
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        test_rows_behind_the_watermark_pair_while_their_window_is_open_in_both_modes,
+        test_a_late_payment_pairs_with_nothing_and_its_order_goes_on_in_both_modes,
+        test_join.test_each_pair_is_emitted_once_as_windows_close_one_after_another,
+        test_join.test_out_of_order_arrivals_across_partitions_still_join_once,
+        test_join.test_two_payments_for_one_order_give_two_rows_per_seat,
+    ],
+)
+def test_shards_rebuilt_from_beam_state_in_every_bundle_give_the_same_rows(scenario, monkeypatch):
+    # What a retried bundle, a restarted worker or a shard moved to another worker does: the
+    # index is rebuilt from the bag and the bookkeeping in Beam state.
+    monkeypatch.setattr(interval_join, "_LIVE", _Forgetful())
+    scenario(IntervalJoinBookingsToPayments)

@@ -27,6 +27,8 @@ __all__ = [
     "DEAD_LETTERS",
     "EVENTS_EXPIRED",
     "EVENTS_READ",
+    "JOIN_LATE_ROWS",
+    "JOIN_STATE_ROWS",
     "PARSED_EVENTS",
     "POSITIONS_COMMITTED",
     "REGISTRY",
@@ -134,6 +136,17 @@ POSITIONS_COMMITTED = JobCounter(
     "bms_positions_committed",
     "Read positions committed to the checkpoint store",
 )
+
+JOIN_LATE_ROWS = JobCounter(
+    "join_late_rows",
+    "bms_join_late_rows",
+    "Rows the interval join dropped because their window had closed, as the windowed join does",
+)
+JOIN_STATE_ROWS = prometheus_client.Gauge(
+    "bms_join_state_rows",
+    "Rows the interval join holds in this process's memory, waiting for a partner",
+    registry=REGISTRY,
+)  # its value comes from pipeline.interval_join
 
 _watermarks: dict[tuple[str, str], float] = {}
 _last_commit: list[float] = []

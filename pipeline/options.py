@@ -34,6 +34,14 @@ from pipeline.io.warehouses import (
 )
 from pipeline.join import DEFAULT_PERIOD_SECONDS
 
+#: The join modes (``--join``): sliding windows and CoGroupByKey (``pipeline.join``), or pairs
+#: emitted as soon as their second row arrives (``pipeline.interval_join``).
+WINDOWED_JOIN = "windowed"
+INTERVAL_JOIN = "interval"
+JOIN_MODES = (WINDOWED_JOIN, INTERVAL_JOIN)
+#: What an unbounded run joins with unless told (bounded runs: the windowed join's global window).
+DEFAULT_STREAMING_JOIN = INTERVAL_JOIN
+
 HUB_ENV = "BMS_HUB"
 WAREHOUSE_ENV = "BMS_WAREHOUSE"
 CHECKPOINTS_ENV = "BMS_CHECKPOINTS"
@@ -165,6 +173,15 @@ class BmsOptions(PipelineOptions):
         )
         add_flag(
             parser,
+            "--join",
+            choices=JOIN_MODES,
+            default=None,
+            help="interval: write each pair as soon as its second event is read; windowed: when "
+            "the sliding window of its booking closes, 2 to 2.5 min later (default: "
+            f"{DEFAULT_STREAMING_JOIN}; with --bounded {WINDOWED_JOIN}). Both write the same rows",
+        )
+        add_flag(
+            parser,
             "--window_period",
             type=float,
             default=None,
@@ -231,6 +248,12 @@ class BmsOptions(PipelineOptions):
     def watermark_delay(self) -> float:
         """Seconds the source's watermark trails the enqueued times: events are never late."""
         return self.late_arrival_tolerance if self.event_time == PAYLOAD else 0.0
+
+    def join_mode(self) -> str:
+        """The join to use: the one given, else the default for the run's mode."""
+        if self.join is not None:
+            return self.join
+        return WINDOWED_JOIN if self.bounded else DEFAULT_STREAMING_JOIN
 
     def join_period(self) -> float | None:
         """The window period to use: the one given, else the default for the run's mode (None

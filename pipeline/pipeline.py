@@ -19,13 +19,14 @@ from pipeline.event_time import (
     POLICIES,
     payload_event_time,
 )
+from pipeline.interval_join import IntervalJoinBookingsToPayments
 from pipeline.io.hubs import checkpoint_scope
 from pipeline.io.hubs.checkpoints import open_checkpoint_store
 from pipeline.io.hubs.progress import CommitPositions
 from pipeline.io.hubs.source import EVENTS, POSITIONS, ReadFromHub
 from pipeline.io.warehouses import DEAD_LETTERS, FACTS, WriteToWarehouse
 from pipeline.join import DEFAULT_PERIOD_SECONDS, JoinBookingsToPayments, window_size_micros
-from pipeline.options import BmsOptions
+from pipeline.options import INTERVAL_JOIN, JOIN_MODES, WINDOWED_JOIN, BmsOptions
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, DeadLetter, HubEvent, event_key
 
 
@@ -111,6 +112,8 @@ class ComputeFacts(beam.PTransform):
         ``"payload"`` (booking_time / payment_time, see ``pipeline.event_time``; the source's
         watermark must then trail the enqueued times by ``late_arrival_tolerance``).
       late_arrival_tolerance: seconds, for ``event_time="payload"``.
+      join: ``"windowed"`` (``pipeline.join``) or ``"interval"`` (``pipeline.interval_join``):
+        the same rows, written when a window closes or as soon as a pair is complete.
     """
 
     def __init__(
@@ -118,11 +121,17 @@ class ComputeFacts(beam.PTransform):
         window_period: float | None = DEFAULT_PERIOD_SECONDS,
         event_time: str = ENQUEUED,
         late_arrival_tolerance: float = DEFAULT_LATE_ARRIVAL_TOLERANCE_SECONDS,
+        join: str = WINDOWED_JOIN,
     ):
         super().__init__()
         if event_time not in POLICIES:
             raise ValueError(f"event_time must be one of {', '.join(POLICIES)}, got {event_time!r}")
-        self._join = JoinBookingsToPayments(window_period)
+        if join not in JOIN_MODES:
+            raise ValueError(f"join must be one of {', '.join(JOIN_MODES)}, got {join!r}")
+        if join == INTERVAL_JOIN:
+            self._join = IntervalJoinBookingsToPayments(window_period)
+        else:
+            self._join = JoinBookingsToPayments(window_period)
         payload = event_time == PAYLOAD
         tolerance = round(late_arrival_tolerance * 1_000_000)
         self._parse_bookings = _ParseFn(
@@ -180,7 +189,10 @@ def build(pipeline: beam.Pipeline, options: BmsOptions) -> None:
         for hub in (BOOKING_HUB, PAYMENT_HUB)
     ]
     result = tuple(read[EVENTS] for read in reads) | ComputeFacts(
-        options.join_period(), options.event_time, options.late_arrival_tolerance
+        options.join_period(),
+        options.event_time,
+        options.late_arrival_tolerance,
+        options.join_mode(),
     )
     unstorable = result["facts"] | "WriteFacts" >> WriteToWarehouse(
         options.warehouse,

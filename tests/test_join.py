@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 
 import apache_beam as beam
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -20,7 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import rules
+from pipeline.interval_join import IntervalJoinBookingsToPayments
 from pipeline.join import JoinBookingsToPayments, canonical_window_start
+from pipeline.options import INTERVAL_JOIN, JOIN_MODES, WINDOWED_JOIN
 from pipeline.pipeline import ComputeFacts
 from pipeline.schema import BOOKING_HUB, FACT_COLUMN_NAMES, PAYMENT_HUB
 from tests.conftest import booking_body, hub_event, payment_body, unbatched
@@ -74,34 +77,46 @@ def batch_pipeline():
     return TestPipeline(runner="FnApiRunner", options=PipelineOptions())
 
 
-def run_streaming(arrivals, expected):
+#: Both join modes take the same input and must give the same rows (``--join``).
+JOINS = {WINDOWED_JOIN: JoinBookingsToPayments, INTERVAL_JOIN: IntervalJoinBookingsToPayments}
+
+
+@pytest.fixture(params=JOIN_MODES)
+def join(request):
+    """The join transform of each mode (a class, called with the window period)."""
+    return JOINS[request.param]
+
+
+def run_streaming(join, arrivals, expected):
     """Runs the join on a streaming runner and checks the (payment_id, seat) pairs emitted."""
     with streaming_pipeline() as p:
         streams = p | streamed(arrivals)
-        facts = (streams["b"], streams["p"]) | JoinBookingsToPayments() | unbatched()
+        facts = (streams["b"], streams["p"]) | join() | unbatched()
         assert_that(facts | beam.Map(lambda row: (row[PAYMENT_ID], row[SEAT])), equal_to(expected))
 
 
-def test_payment_at_the_same_instant_joins():
-    run_streaming([keyed("b", "o1", T0), keyed("p", "o1", T0, payment_id="p1")], [("p1", "A1")])
+def test_payment_at_the_same_instant_joins(join):
+    run_streaming(
+        join, [keyed("b", "o1", T0), keyed("p", "o1", T0, payment_id="p1")], [("p1", "A1")]
+    )
 
 
-def test_payment_exactly_120_seconds_later_joins():
+def test_payment_exactly_120_seconds_later_joins(join):
     arrivals = [keyed("b", "o1", T0 + 7), keyed("p", "o1", T0 + 7 + 120 * SECOND, payment_id="p1")]
-    run_streaming(arrivals, [("p1", "A1")])
+    run_streaming(join, arrivals, [("p1", "A1")])
 
 
-def test_payment_one_microsecond_past_120_seconds_does_not_join():
+def test_payment_one_microsecond_past_120_seconds_does_not_join(join):
     arrivals = [keyed("b", "o1", T0), keyed("p", "o1", T0 + 120 * SECOND + 1, payment_id="p1")]
-    run_streaming(arrivals, [])
+    run_streaming(join, arrivals, [])
 
 
-def test_payment_one_millisecond_before_the_booking_does_not_join():
+def test_payment_one_millisecond_before_the_booking_does_not_join(join):
     arrivals = [keyed("b", "o1", T0 + 1000), keyed("p", "o1", T0, payment_id="p1")]
-    run_streaming(arrivals, [])
+    run_streaming(join, arrivals, [])
 
 
-def test_two_payments_for_one_order_give_two_rows_per_seat():
+def test_two_payments_for_one_order_give_two_rows_per_seat(join):
     arrivals = [
         keyed("b", "o1", T0, seat="A1"),
         keyed("b", "o1", T0, seat="A2"),
@@ -109,19 +124,19 @@ def test_two_payments_for_one_order_give_two_rows_per_seat():
         keyed("p", "o1", T0 + 40 * SECOND, payment_id="retry"),
     ]
     expected = [("failed", "A1"), ("failed", "A2"), ("retry", "A1"), ("retry", "A2")]
-    run_streaming(arrivals, expected)
+    run_streaming(join, arrivals, expected)
 
 
-def test_the_same_booking_message_twice_gives_its_rows_twice():
+def test_the_same_booking_message_twice_gives_its_rows_twice(join):
     arrivals = [
         keyed("b", "o1", T0),
         keyed("b", "o1", T0 + SECOND),
         keyed("p", "o1", T0 + 2 * SECOND, payment_id="p1"),
     ]
-    run_streaming(arrivals, [("p1", "A1"), ("p1", "A1")])
+    run_streaming(join, arrivals, [("p1", "A1"), ("p1", "A1")])
 
 
-def test_out_of_order_arrivals_across_partitions_still_join_once():
+def test_out_of_order_arrivals_across_partitions_still_join_once(join):
     # The payment's partition is read first; the booking's partition lags behind it, and the
     # watermark (the minimum over partitions) waits for it.
     arrivals = [
@@ -131,10 +146,10 @@ def test_out_of_order_arrivals_across_partitions_still_join_once():
         keyed("b", "o1", T0 + 29 * SECOND),
         ("watermark", T0 + 400 * SECOND),
     ]
-    run_streaming(arrivals, [("p1", "A1"), ("p2", "A1")])
+    run_streaming(join, arrivals, [("p1", "A1"), ("p2", "A1")])
 
 
-def test_each_pair_is_emitted_once_as_windows_close_one_after_another():
+def test_each_pair_is_emitted_once_as_windows_close_one_after_another(join):
     # Bookings just before and after window starts (period 30 s), payments spread over 2 min,
     # with the watermark advancing between them so windows fire in separate panes.
     arrivals = []
@@ -147,10 +162,11 @@ def test_each_pair_is_emitted_once_as_windows_close_one_after_another():
             arrivals.append(keyed("p", order_id, T0 + offset + delay, payment_id=payment_id))
             expected.append((payment_id, "A1"))
         arrivals.append(("watermark", T0 + offset - offset % 1000))  # TestStream: whole ms
-    run_streaming(arrivals, expected)
+    run_streaming(join, arrivals, expected)
 
 
-def test_null_order_ids_never_join_and_malformed_events_become_dead_letters():
+@pytest.mark.parametrize("mode", JOIN_MODES)
+def test_null_order_ids_never_join_and_malformed_events_become_dead_letters(mode):
     events_b = [
         hub_event(BOOKING_HUB, T0, booking_body(None)),
         hub_event(BOOKING_HUB, T0, booking_body("o1"), sequence=1),
@@ -167,7 +183,7 @@ def test_null_order_ids_never_join_and_malformed_events_become_dead_letters():
         payments = p | "P" >> beam.Create(
             [TimestampedValue(e, e.enqueued_time / SECOND) for e in events_p]
         )
-        result = (bookings, payments) | ComputeFacts()
+        result = (bookings, payments) | ComputeFacts(join=mode)
         assert_that(
             result["facts"] | unbatched() | beam.Map(lambda row: (row[0], row[PAYMENT_ID])),
             equal_to([("o1", "p1")]),
@@ -232,7 +248,8 @@ def payment_key(case_index, index):
 
 @settings(max_examples=8)  # each example is up to 25 cases in one pipeline run
 @given(cases)
-def test_windowed_join_equals_nested_loop_join(case_list):
+@pytest.mark.parametrize("mode", JOIN_MODES)
+def test_join_equals_nested_loop_join(mode, case_list):
     # Many random cases share one pipeline run (each run costs about a second) and one join per
     # window period: a case's order ids are prefixed with its index so cases cannot meet.
     by_period = {}
@@ -257,7 +274,7 @@ def test_windowed_join_equals_nested_loop_join(case_list):
             joined = (
                 p | f"B{period}" >> beam.Create(booking_values),
                 p | f"P{period}" >> beam.Create(payment_values),
-            ) | f"Join{period}" >> JoinBookingsToPayments(period)
+            ) | f"Join{period}" >> JOINS[mode](period)
             joined |= unbatched(f"Unbatched{period}")
             assert_that(
                 joined
@@ -267,7 +284,7 @@ def test_windowed_join_equals_nested_loop_join(case_list):
             )
 
 
-def test_a_hot_order_gives_every_qualifying_pair_once():
+def test_a_hot_order_gives_every_qualifying_pair_once(join):
     # One order with 60 seat rows and 40 payments spread from 30 s before to 170 s after:
     # the bisection must neither miss nor repeat a pair.
     bookings = [("o", (n % 12) * 5 * SECOND + n) for n in range(60)]
@@ -292,7 +309,7 @@ def test_a_hot_order_gives_every_qualifying_pair_once():
                     for i, (o, t) in enumerate(payments)
                 ]
             ),
-        ) | JoinBookingsToPayments()
+        ) | join()
         assert_that(
             joined | unbatched() | beam.Map(lambda row: (row[SEAT], row[PAYMENT_ID])),
             equal_to(expected),

@@ -15,12 +15,14 @@ from collections.abc import Callable
 
 import apache_beam as beam
 import orjson
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.transforms.window import TimestampedValue
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.io.warehouses import WriteToWarehouse, read_dead_letters, read_facts
+from pipeline.options import JOIN_MODES
 from pipeline.parity.evaluator import evaluate
 from pipeline.pipeline import ComputeFacts
 from pipeline.schema import BOOKING_HUB, PAYMENT_HUB, HubEvent, decode_fact_row
@@ -33,9 +35,10 @@ T0 = 1_770_000_000 * SECOND  # on a window start for every period that divides 3
 
 
 class BeamRun:
-    """One ComputeFacts run over many events: its fact rows and dead-letter positions."""
+    """One ComputeFacts run over many events, with one of the join modes (``--join``): its fact
+    rows and dead-letter positions."""
 
-    def __init__(self, events: list[HubEvent], directory):
+    def __init__(self, events: list[HubEvent], directory, join: str):
         warehouse = f"sqlite:///{directory / 'beam.db'}"
         options = PipelineOptions([], runner="DirectRunner", direct_running_mode="in_memory")
         with beam.Pipeline(options=options) as p:
@@ -49,7 +52,7 @@ class BeamRun:
                 | f"Drop placeholder {hub}" >> beam.Filter(lambda e: e is not None)
                 for hub in (BOOKING_HUB, PAYMENT_HUB)
             )
-            result = streams | ComputeFacts()
+            result = streams | ComputeFacts(join=join)
             unstorable = result["facts"] | "Write facts" >> WriteToWarehouse(warehouse)
             (
                 (result["dead_letters"], unstorable)
@@ -235,13 +238,14 @@ CASES = {
 }
 
 
-def test_edge_cases_of_every_rule(tmp_path):
+@pytest.mark.parametrize("join", JOIN_MODES)
+def test_edge_cases_of_every_rule(tmp_path, join):
     events = [
         event(hub, T0 + offset, document, sequence=n)
         for n, (hub, offset, document) in enumerate(e for case in CASES.values() for e in case)
     ]
     expected = evaluate(events)
-    beam_run = BeamRun(events, tmp_path)
+    beam_run = BeamRun(events, tmp_path, join)
     assert typed(beam_run.rows) == typed(expected.rows), differences(
         typed(expected.rows), typed(beam_run.rows)
     )
@@ -367,12 +371,13 @@ def hub_events(sets: list[list]) -> list[HubEvent]:
     return events
 
 
+@pytest.mark.parametrize("join", JOIN_MODES)
 @settings(max_examples=30, deadline=None)  # each example: 15 to 40 event sets, one Beam run
 @given(st.lists(event_sets(), min_size=15, max_size=40))
-def test_randomized_event_sets(tmp_path_factory, sets):
+def test_randomized_event_sets(tmp_path_factory, join, sets):
     events = hub_events(sets)
     evaluation = evaluate(events)
-    beam_run = BeamRun(events, tmp_path_factory.mktemp("parity"))
+    beam_run = BeamRun(events, tmp_path_factory.mktemp("parity"), join)
     expected, actual = typed(evaluation.rows), typed(beam_run.rows)
     dropped = Counter(position(e) for e in evaluation.dropped)
     dead_letters = Counter(beam_run.dead_letters)
